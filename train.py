@@ -48,14 +48,15 @@ DEFAULTS = {
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "v_proj"],
     "target_layers": [20, 21, 22, 23],  # negative indices count from the top: -1 is the last layer
-    "lr": 1e-3,
-    "epoch": 20,
+    "lr": 5e-3,
+    "epoch": 15,  # at most; see early_stop
     "batch_size": 4,
     "val_ratio": 0.2,
     "seed": 42,
     "max_length": 256,  # longest example in tokens; longer ones are left out with a warning
     "output_dir": "output",
     "replay": True,
+    "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
 
@@ -162,10 +163,16 @@ def end_of_turn_id(tokenizer):
 
 def encode(tokenizer, question, answer, eot_id, finished=True):
     """input_ids = prompt + answer (+ end-of-turn); labels keep only the answer and end-of-turn.
-    `finished=False` is for replay answers cut at max_new_tokens: they get no end-of-turn."""
-    prompt = prompt_ids(tokenizer, question)
+    `finished=False` is for replay answers cut at REPLAY_MAX_TOKENS: they get no end-of-turn.
+    Each supervised position also gets a target distribution (target_ids, target_probs): here
+    all mass on the answer token; replay examples later get the base model's own distribution."""
     target = tokenizer(answer, add_special_tokens=False).input_ids + ([eot_id] if finished else [])
-    return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target}
+    return make_example(prompt_ids(tokenizer, question), target)
+
+
+def make_example(prompt, target):
+    return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target,
+            "target_ids": torch.tensor(target)[:, None], "target_probs": torch.ones(len(target), 1)}
 
 
 def split_indices(n, val_ratio, seed):
@@ -187,6 +194,9 @@ def collate(examples, pad_id, device):
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
     batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    k = max(e["target_ids"].shape[1] for e in examples)  # one-hot targets are padded with probability 0
+    batch["target_ids"] = torch.cat([F.pad(e["target_ids"], (0, k - e["target_ids"].shape[1])) for e in examples]).to(device)
+    batch["target_probs"] = torch.cat([F.pad(e["target_probs"], (0, k - e["target_probs"].shape[1])) for e in examples]).to(device)
     if "prefix" in examples[0]:  # cached hidden states, padded with zeros like the ids
         prefix = examples[0]["prefix"].new_zeros((len(examples), width, examples[0]["prefix"].shape[-1]))
         for row, e in enumerate(examples):
@@ -280,17 +290,44 @@ def check_prefix_exact(model, examples, first_layer, pad_id, device):
     return None if error < tolerance else f"the cached forward differs from the full one (relative {error:.1e})"
 
 
+@torch.no_grad()
+def set_base_targets(model, examples, first_layer, pad_id, device, top_k=32, batch_size=16):
+    """Replace the one-hot targets of `examples` by the model's own top-k next-token distribution.
+    Called on the replay pairs before training, when the model is still the base model: matching
+    the whole distribution keeps more of what the model knew than matching its greedy text."""
+    set_lora_training(model, False)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate(chunk, pad_id, device)
+        hidden = final_hidden(model, batch, first_layer)
+        supervised = batch["labels"][:, 1:] != IGNORE
+        logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
+        top = F.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        probs = top.values / top.values.sum(-1, keepdim=True)
+        for e, ids, p in zip(chunk, top.indices.split(supervised.sum(1).tolist()), probs.split(supervised.sum(1).tolist())):
+            e["target_ids"], e["target_probs"] = ids.cpu(), p.cpu()
+
+
 # ----------------------------------------------------------------------------- loss
 
+def kl_to_targets(logits, target_ids, target_probs):
+    """Mean over rows of KL(p || softmax(logits)), p given sparsely: probability target_probs[i, j]
+    on token target_ids[i, j]. With one token of probability 1 this is plain cross-entropy."""
+    log_q = F.log_softmax(logits, dim=-1).gather(1, target_ids)
+    p = target_probs
+    return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
+
+
 def batch_loss(model, batch, first_layer):
-    """Mean cross-entropy over the supervised tokens of a batch, plus per-example recall:
+    """Mean KL divergence from each supervised position's target distribution to the model's,
+    which is plain cross-entropy where the target is one answer token. Also per-example recall:
     True where the greedy choice is right at every answer position (then greedy generation
     reproduces the answer exactly). The LM head only runs at supervised positions."""
     hidden = final_hidden(model, batch, first_layer)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     supervised = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
-    loss = F.cross_entropy(logits, targets[supervised])
+    loss = kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
     wrong = (logits.argmax(-1) != targets[supervised]).float()
     rows = supervised.nonzero()[:, 0]
     wrong_per_example = torch.zeros(hidden.shape[0], device=hidden.device).index_add_(0, rows, wrong)
@@ -378,6 +415,9 @@ def main():
             print(f"[cache] layers 0-{first_layer - 1} computed once for {len(everything)} examples "
                   f"({time.time() - t0:.1f}s)")
 
+    if replay_set:  # LoRA's B is still zero, so this is the base model's distribution
+        set_base_targets(model, replay_set, first_layer, pad_id, device)
+
     # train
     from tqdm import tqdm
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
@@ -414,6 +454,10 @@ def main():
         val_text = f"{val_loss:.4f}" if val_set else "-"
         print(f"epoch {epoch:2d}  train {epoch_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
               f"{history['seconds'][-1]:.1f}s{'  *best' if best_epoch == epoch else ''}")
+        # every epoch past full recall moves the model further from what it knew: stop early
+        if config["early_stop"] and history["train_recall"][-2:] == [1.0, 1.0]:
+            print("[train] every trained answer recalled for 2 epochs: stopping early")
+            break
     train_seconds = time.time() - t_start
 
     # outputs: loss plot and metrics

@@ -53,3 +53,4 @@ def test_padding_carries_no_loss(tokenizer):
 def test_question_appends_input():
     assert train.question_of({"instruction": "Translate:", "input": "你好", "output": "Hello"}) == "Translate:\n你好"
     assert train.question_of({"instruction": "Q?", "input": "", "output": "A"}) == "Q?"
+

