@@ -236,8 +236,9 @@ def cache_prefix(model, examples, first_layer, pad_id, device, batch_size=16):
     """Store in each example the input of layer `first_layer`: everything below it is frozen
     and deterministic (eval mode), so it is computed once instead of every step."""
     decoder = model.get_decoder()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    by_length = sorted(examples, key=lambda e: len(e["input_ids"]))  # little padding to compute
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
         batch = collate(chunk, pad_id, device)
         with only_layers(decoder, 0, first_layer):
             hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -336,7 +337,7 @@ def batch_loss(model, batch, first_layer):
 
 @torch.no_grad()
 def evaluate(model, examples, batch_size, pad_id, device, first_layer):
-    """(token-mean loss, fraction of examples recalled exactly) with LoRA dropout off."""
+    """(token-mean loss, fraction of examples whose whole answer is the greedy choice), dropout off."""
     set_lora_training(model, False)
     total, count, recalled = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
@@ -388,7 +389,7 @@ def main():
             cache.update({q: {"answer": a, "finished": done} for q, (a, done) in zip(todo, answers)})
             with open(cache_path, "w", encoding="utf-8") as f:
                 json.dump(cache, f, ensure_ascii=False, indent=1)
-        replay_set = [encode(tokenizer, q, cache[q]["answer"], eot_id, cache[q]["finished"])
+        replay_set = [dict(encode(tokenizer, q, cache[q]["answer"], eot_id, cache[q]["finished"]), replay=True)
                       for q in REPLAY_QUESTIONS]
         print(f"[replay] {len(replay_set)} replay pairs mixed into training")
 
@@ -398,6 +399,7 @@ def main():
     print(f"[lora] trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     # frozen-prefix cache: layers below the lowest LoRA layer never change, run them once
+    t_start = time.time()  # train_seconds counts the cache too
     depth = len(model.get_decoder().layers)
     first_layer = min(resolve_layers(config["target_layers"], depth))
     everything = train_set + val_set + replay_set
@@ -406,7 +408,8 @@ def main():
     else:
         t0 = time.time()
         cache_prefix(model, everything, first_layer, pad_id, device)
-        reason = check_prefix_exact(model, everything[:config["batch_size"]], first_layer, pad_id, device)
+        shortest = sorted(everything, key=lambda e: len(e["input_ids"]))[:2]  # the cheapest batch to check
+        reason = check_prefix_exact(model, shortest, first_layer, pad_id, device)
         if reason:
             print(f"[cache] off: {reason}; using the full forward")
             for e in everything:
@@ -422,36 +425,38 @@ def main():
     from tqdm import tqdm
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
     best_dir = os.path.join(out_dir, "best_adapter")
-    history = {"train_loss": [], "val_loss": [], "train_recall": [], "seconds": []}
+    history = {"train_loss": [], "val_loss": [], "train_recall": [], "val_recall": [], "seconds": []}
     best_epoch, best_key = None, None
     rng = random.Random(config["seed"])
     bs = config["batch_size"]
-    t_start = time.time()
     for epoch in range(1, config["epoch"] + 1):
         t_epoch = time.time()
         set_lora_training(model, True)
         batches = length_batches(train_set + replay_set, bs, rng)
-        epoch_loss = 0.0
+        epoch_loss, recalled = 0.0, []
         bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
         for batch in bar:
-            loss, _, _ = batch_loss(model, collate(batch, pad_id, device), first_layer)
+            loss, _, ok = batch_loss(model, collate(batch, pad_id, device), first_layer)
+            # recall comes free with the training pass: was the whole answer right at this step?
+            recalled += [hit for e, hit in zip(batch, ok) if not e.get("replay")]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             epoch_loss += loss.item() / len(batches)
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        _, train_recall = evaluate(model, train_set, bs, pad_id, device, first_layer)
-        val_loss = evaluate(model, val_set, bs, pad_id, device, first_layer)[0] if val_set else None
+        train_recall = sum(recalled) / len(recalled)
+        val_loss, val_recall = evaluate(model, val_set, bs, pad_id, device, first_layer) if val_set else (None, None)
         history["train_loss"].append(epoch_loss)
         history["val_loss"].append(val_loss)
         history["train_recall"].append(train_recall)
+        history["val_recall"].append(val_recall)
         history["seconds"].append(time.time() - t_epoch)
-        # best: the most trained answers reproduced exactly, then the lowest validation loss
+        # best: the most trained answers fully right, then the lowest validation loss
         key = (train_recall, -(val_loss if val_set else epoch_loss))
         if best_key is None or key > best_key:
             best_epoch, best_key = epoch, key
             save_adapter(model, best_dir, config["model_name"])
-        val_text = f"{val_loss:.4f}" if val_set else "-"
+        val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if val_set else "-"
         print(f"epoch {epoch:2d}  train {epoch_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
               f"{history['seconds'][-1]:.1f}s{'  *best' if best_epoch == epoch else ''}")
         # every epoch past full recall moves the model further from what it knew: stop early
