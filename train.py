@@ -324,7 +324,8 @@ def batch_loss(model, batch, first_layer):
     which is plain cross-entropy where the target is one answer token. Also per-example recall:
     True where the greedy choice is right at every answer position (then greedy generation
     reproduces the answer exactly). The LM head only runs at supervised positions."""
-    hidden = final_hidden(model, batch, first_layer)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
+        hidden = final_hidden(model, batch, first_layer)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     supervised = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
