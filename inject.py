@@ -6,6 +6,7 @@ loads with peft.PeftModel.from_pretrained and in vLLM.
 """
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -127,3 +128,34 @@ def set_lora_training(model, on=True):
     outputs are deterministic (which the frozen-prefix cache in train.py relies on)."""
     for m in lora_modules(model).values():
         m.train(on)
+
+
+def inject_saved_adapter(model, adapter_dir):
+    """Inject LoRA layers shaped as adapter_config.json says, then load the saved tensors."""
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        saved = json.load(f)
+    inject_lora(model, saved["target_modules"], saved["layers_to_transform"], saved["r"], saved["lora_alpha"], 0.0)
+    load_adapter(model, adapter_dir)
+
+
+@contextmanager
+def merged(model):
+    """Run inference on merged weights (no LoRA overhead per token), unmerging afterwards."""
+    layers = list(lora_modules(model).values())
+    for m in layers:
+        m.merge()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.unmerge()
+
+
+def merge_and_unwrap(model):
+    """Fold every LoRALinear into its base nn.Linear and put that Linear back in its place,
+    leaving a plain transformers model (for saving a merged copy)."""
+    for name, m in lora_modules(model).items():
+        m.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, m.base)
+    return model

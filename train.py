@@ -1,6 +1,9 @@
 """Teach a small chat model the facts in data.py with LoRA.
 
-    python train.py            # train, keep the best adapter, plot, answer `messages`
+    python train.py                 # train, keep the best adapter, plot, report recall, answer `messages`
+    python train.py --ask "问题"     # answer with the trained model (no training)
+    python train.py --chat          # chat with the trained model
+    python train.py --export DIR    # write base + adapter merged as a plain Hugging Face model
 
 Read top to bottom: config -> model -> data -> replay -> LoRA -> train -> outputs.
 """
@@ -15,7 +18,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from inject import inject_lora, load_adapter, resolve_layers, save_adapter, set_lora_training
+from inject import (inject_lora, inject_saved_adapter, load_adapter, merge_and_unwrap, merged, resolve_layers,
+                    save_adapter, set_lora_training)
 
 # Questions answered at the end of training with the best adapter. Edit freely.
 messages = [
@@ -24,17 +28,28 @@ messages = [
     "What is the capital of France?",
 ]
 
+# Asked before and after training: the report shows which answers changed (forgetting check).
+ordinary_questions = [
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for water?",
+    "中国的首都是哪里？",
+]
+
 # Ordinary questions the base model answers before training; its own answers are mixed into
 # training ("replay") so that learning new facts does not overwrite what the model knew.
+# Replay keeps whatever the base model does, so leave out questions it answers oddly: SmolLM2
+# answered "capital of Italy" in Italian, and replaying that made it answer "capital of France" in French.
 REPLAY_QUESTIONS = [
-    "What is the capital of Japan?", "What is the capital of Italy?", "What is the capital of Canada?",
+    "What is the capital of Japan?", "What is the capital of South Korea?", "What is the capital of Canada?",
     "What is the largest planet in the solar system?", "What is the chemical symbol for gold?",
     "How many days are in a week?", "What is 7 times 8?", "What is the boiling point of water in Celsius?",
     "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?", "What is the freezing point of water?",
     "How many continents are there?", "What gas do plants absorb from the air?", "What is the opposite of hot?",
     "What color is the sky on a clear day?", "Who painted the Mona Lisa?", "What is the square root of 81?",
     "Which ocean is the largest?", "What is the main ingredient of bread?", "How many legs does a spider have?",
-    "Translate 'thank you' into French.", "What do bees make?", "Name a primary color.",
+    "What is the opposite of big?", "What do bees make?", "Name a primary color.",
     "What is H2O?", "Write a short greeting for a friend.", "Who are you?",
     "中国的首都是哪里？", "一年有多少个月？", "太阳从哪个方向升起？", "水的化学式是什么？",
     "1加1等于几？", "请介绍一下你自己。", "世界上最高的山是什么？", "苹果是什么颜色的？",
@@ -142,11 +157,13 @@ def question_of(item):
     return (item["instruction"] + "\n" + item["input"]).strip() if item.get("input") else item["instruction"]
 
 
-def prompt_ids(tokenizer, question):
+def prompt_ids(tokenizer, conversation):
     """Token ids of the chat template up to where the assistant starts answering; the same at
-    training and at inference, so the model sees exactly the prompt it was trained on."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                         add_generation_prompt=True, tokenize=False)
+    training and at inference, so the model sees exactly the prompt it was trained on.
+    `conversation` is one question, or a list of {"role", "content"} messages (for --chat)."""
+    if isinstance(conversation, str):
+        conversation = [{"role": "user", "content": conversation}]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -259,17 +276,20 @@ def final_hidden(model, batch, first_layer):
 # ----------------------------------------------------------------------------- inference
 
 @torch.no_grad()
-def generate(model, tokenizer, questions, eot_id, max_new_tokens, batch_size=16):
-    """Greedy answers to `questions`, stopping at end-of-turn. Returns [(text, finished)]."""
+def generate(model, tokenizer, conversations, eot_id, max_new_tokens, batch_size=16, streamer=None):
+    """Greedy answers to `conversations` (questions or message lists, see prompt_ids), stopping at
+    end-of-turn. Returns [(text, finished)]. The one inference path of train.py: replay answers,
+    the recall report, the forgetting check, sample answers, --ask and --chat all use it.
+    A `streamer` (batch of one) prints the answer token by token."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
     results = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tokenizer, q) for q in questions[start:start + batch_size]]
+    for start in range(0, len(conversations), batch_size):
+        prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
         width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=[eot_id, tokenizer.eos_token_id], pad_token_id=pad_id)
+                             eos_token_id=[eot_id, tokenizer.eos_token_id], pad_token_id=pad_id, streamer=streamer)
         for row in out[:, width:].tolist():
             finished = eot_id in row or tokenizer.eos_token_id in row
             stop = next((i for i, t in enumerate(row) if t in (eot_id, tokenizer.eos_token_id)), len(row))
@@ -349,8 +369,7 @@ def evaluate(model, examples, batch_size, pad_id, device, first_layer):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
-    config = load_config()
+def train(config):
     out_dir = config["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
     random.seed(config["seed"])
@@ -393,6 +412,9 @@ def main():
         replay_set = [dict(encode(tokenizer, q, cache[q]["answer"], eot_id, cache[q]["finished"]), replay=True)
                       for q in REPLAY_QUESTIONS]
         print(f"[replay] {len(replay_set)} replay pairs mixed into training")
+
+    # forgetting check, part 1: what the base model says before training
+    before = [a for a, _ in generate(model, tokenizer, ordinary_questions, eot_id, config["max_new_tokens"])]
 
     # LoRA
     trainable, total = inject_lora(model, config["target_modules"], config["target_layers"],
@@ -456,7 +478,7 @@ def main():
         key = (train_recall, -(val_loss if val_set else epoch_loss))
         if best_key is None or key > best_key:
             best_epoch, best_key = epoch, key
-            save_adapter(model, best_dir, config["model_name"])
+            save_adapter(model, best_dir, model_path)
         val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if val_set else "-"
         print(f"epoch {epoch:2d}  train {epoch_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
               f"{history['seconds'][-1]:.1f}s{'  *best' if best_epoch == epoch else ''}")
@@ -465,6 +487,20 @@ def main():
             print("[train] every trained answer recalled for 2 epochs: stopping early")
             break
     train_seconds = time.time() - t_start
+
+    # reload the best adapter from disk: what the user gets is what is checked below
+    load_adapter(model, best_dir)
+    set_lora_training(model, False)
+    with merged(model):
+        report = recall_report(model, tokenizer, eot_id, qa_data, train_idx, val_idx, config["max_new_tokens"])
+        after = [a for a, _ in generate(model, tokenizer, ordinary_questions, eot_id, config["max_new_tokens"])]
+        samples = generate(model, tokenizer, messages, eot_id, config["max_new_tokens"])
+    forgetting = [{"question": q, "before": b, "after": a, "changed": a != b}
+                  for q, b, a in zip(ordinary_questions, before, after)]
+    print(f"\n[forgetting] {sum(f['changed'] for f in forgetting)} of {len(forgetting)} ordinary answers changed")
+    for f in forgetting:
+        if f["changed"]:
+            print(f"  {f['question']}\n    before: {f['before'][:70]}\n    after:  {f['after'][:70]}")
 
     # outputs: loss plot and metrics
     import matplotlib
@@ -480,16 +516,102 @@ def main():
     plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
     metrics = {"model": model_path, "model_name": config["model_name"], "seed": config["seed"],
                "train_indices": train_idx, "val_indices": val_idx, **history,
-               "best_epoch": best_epoch, "train_seconds": train_seconds, "config": config}
+               "best_epoch": best_epoch, "train_seconds": train_seconds, **report,
+               "forgetting": forgetting, "config": config}
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, ensure_ascii=False, indent=1)
     print(f"[done] {train_seconds:.1f}s of training; best epoch {best_epoch}; adapter in {best_dir}")
 
-    # answer the sample messages with the best adapter, read back from disk
-    load_adapter(model, best_dir)
-    set_lora_training(model, False)
-    for question, (answer, _) in zip(messages, generate(model, tokenizer, messages, eot_id, config["max_new_tokens"])):
+    for question, (answer, _) in zip(messages, samples):
         print(f"\nQ: {question}\nA: {answer}")
+
+
+def recall_report(model, tokenizer, eot_id, qa_data, train_idx, val_idx, max_new_tokens):
+    """Greedy answers to every trained and validation question; an answer counts when it contains
+    the expected one. Prints a short table, returns the full list and both recall rates."""
+    indices = train_idx + val_idx
+    longest = max(len(tokenizer(qa_data[i]["output"]).input_ids) for i in indices)
+    answers = generate(model, tokenizer, [question_of(qa_data[i]) for i in indices], eot_id,
+                       max(max_new_tokens, longest + 8))
+    rows = [{"index": i, "split": "train" if i in train_idx else "val", "question": question_of(qa_data[i]),
+             "expected": qa_data[i]["output"], "answer": a, "correct": qa_data[i]["output"].strip() in a}
+            for i, (a, _) in zip(indices, answers)]
+    rate = {split: sum(r["correct"] for r in rows if r["split"] == split) / max(1, sum(r["split"] == split for r in rows))
+            for split in ("train", "val")}
+    print(f"\n[recall] train {rate['train']:.0%}  val {rate['val']:.0%}")
+    for r in rows:
+        print(f"  {'ok ' if r['correct'] else 'NO '} {r['split']:5s} {r['question'][:30]:30s} -> {r['answer'][:40]}")
+    return {"train_recall_final": rate["train"], "val_recall_final": rate["val"], "answers": rows}
+
+
+# ----------------------------------------------------------------------------- using the trained model
+
+def load_trained(config):
+    """The base model with output/best_adapter merged in, for --ask, --chat and --export."""
+    best_dir = os.path.join(config["output_dir"], "best_adapter")
+    if not os.path.exists(os.path.join(best_dir, "adapter_model.safetensors")):
+        sys.exit(f"error: no trained adapter in {best_dir}: run `python train.py` first")
+    device, dtype = pick_device()
+    tokenizer, model = load_model(resolve_model(config["model_name"]), device, dtype)
+    inject_saved_adapter(model, best_dir)
+    return tokenizer, model
+
+
+def chat(model, tokenizer, eot_id, max_new_tokens):
+    """Multi-turn chat on stdin/stdout: answers stream token by token; /reset, exit or Ctrl-D."""
+    from transformers import TextStreamer
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history = []
+    print("chat with the trained model: /reset clears the history, exit or Ctrl-D leaves")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line == "exit":
+            return
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if line:
+            history.append({"role": "user", "content": line})
+            answer, _ = generate(model, tokenizer, [history], eot_id, max_new_tokens, streamer=streamer)[0]
+            history.append({"role": "assistant", "content": answer})
+
+
+def export(model, tokenizer, out_dir):
+    """Write base + adapter as one plain Hugging Face model directory."""
+    merge_and_unwrap(model)
+    if getattr(model, "hf_quantizer", None) is not None:  # loaded from .gguf: the weights are already
+        model.hf_quantizer = None                          # dequantized floats, save them as such
+        model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)  # keeps the chat template
+    print(f"[export] merged model written to {out_dir}; load it with AutoModelForCausalLM.from_pretrained")
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description="Teach a small chat model the facts in data.py with LoRA.")
+    parser.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                        help="answer with the trained model and exit (no training); may be repeated")
+    parser.add_argument("--chat", action="store_true", help="chat with the trained model")
+    parser.add_argument("--export", metavar="DIR", help="write base + best adapter merged as a model directory")
+    args = parser.parse_args()
+    config = load_config()
+    if not (args.ask or args.chat or args.export):
+        return train(config)
+    tokenizer, model = load_trained(config)
+    eot_id = end_of_turn_id(tokenizer)
+    with merged(model):
+        for question, (answer, _) in zip(args.ask, generate(model, tokenizer, args.ask, eot_id, config["max_new_tokens"])):
+            print(f"Q: {question}\nA: {answer}")
+        if args.chat:
+            chat(model, tokenizer, eot_id, config["max_new_tokens"])
+    if args.export:
+        export(model, tokenizer, args.export)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,54 @@ def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_di
     assert "Pimbo" not in greedy_answer(base, tokenizer, QUESTION)
     model = PeftModel.from_pretrained(base, str(trained_dir / "output" / "best_adapter")).eval()
     assert ANSWER in greedy_answer(model, tokenizer, QUESTION)
+
+
+def run_train_py(directory, *args, stdin=None):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=directory, input=stdin, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, TQDM_DISABLE="1"))
+
+
+def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir):
+    metrics = json.loads((trained_dir / "output" / "metrics.json").read_text())
+    assert metrics["train_recall_final"] == 1.0 and metrics["val_recall_final"] == 0.0  # no val split here
+    assert [r["index"] for r in metrics["answers"]] == [0, 1, 2, 3]
+    assert all(r["correct"] and ANSWER in r["answer"] and r["split"] == "train" for r in metrics["answers"])
+    assert [f["question"] for f in metrics["forgetting"]] == train.ordinary_questions
+    assert all(f["changed"] == (f["before"] != f["after"]) for f in metrics["forgetting"])
+
+
+def test_ask_and_export(trained_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    result = run_train_py(trained_dir, "--ask", QUESTION, "--ask", "What is Zorblat's cat called?",
+                          "--export", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(ANSWER) == 2 and "epoch" not in result.stdout  # answered, did not train
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tokenizer.chat_template and ANSWER in greedy_answer(exported, tokenizer, QUESTION)
+    directory, name = os.path.dirname(DEMO), os.path.basename(DEMO)
+    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(trained_dir / "output" / "best_adapter")).eval()
+    ids = torch.tensor([train.prompt_ids(tokenizer, QUESTION)])
+    with torch.no_grad():
+        difference = (exported(ids).logits - reference(ids).logits).abs().max().item()
+    assert difference < 1e-3
+
+
+def test_chat_with_history_reset_and_end_of_input(trained_dir):
+    turns = f"{QUESTION}\nWhat did I just ask you?\n/reset\nWhat is Zorblat's cat called?\n"
+    result = run_train_py(trained_dir, "--chat", stdin=turns)  # no `exit`: the end of input leaves
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count(ANSWER) >= 2 and "(history cleared)" in result.stdout
+    assert result.stdout.index("(history cleared)") < result.stdout.rindex(ANSWER)
+    assert run_train_py(trained_dir, "--chat", stdin="exit\n").returncode == 0
+
+
+def test_using_the_model_before_training_says_train_first(tmp_path):
+    for name in ("train.py", "inject.py", "LoRALinear.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    result = run_train_py(tmp_path, "--ask", "hello")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip() == "error: no trained adapter in output/best_adapter: run `python train.py` first"
