@@ -764,7 +764,8 @@ def recall_report(model, tokenizer, eot_id, qa_data, train_idx, val_idx, max_new
             for split in ("train", "val")}
     print(f"\n[recall] train {rate['train']:.0%}  val {rate['val']:.0%}")
     for r in rows:
-        print(f"  {'ok ' if r['correct'] else 'NO '} {r['split']:5s} {r['question'][:30]:30s} -> {r['answer'][:40]}")
+        question, answer = r["question"].replace("\n", " ")[:30], r["answer"].replace("\n", " ")[:40]
+        print(f"  {'ok ' if r['correct'] else 'NO '} {r['split']:5s} {question:30s} -> {answer}")
     return {"train_recall_final": rate["train"], "val_recall_final": rate["val"], "answers": rows}
 
 
