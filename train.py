@@ -50,6 +50,8 @@ ordinary_questions = [
 # answered "capital of Italy" in Italian, and replaying that made it answer "capital of France" in French.
 REPLAY_QUESTIONS = [
     "What is the capital of Japan?", "What is the capital of South Korea?", "What is the capital of Canada?",
+    "What is the capital of Sweden?", "What is the capital of Poland?", "What is the capital of Norway?",
+    "What is the capital of Austria?",
     "What is the largest planet in the solar system?", "What is the chemical symbol for gold?",
     "How many days are in a week?", "What is 7 times 8?", "What is the boiling point of water in Celsius?",
     "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?", "What is the freezing point of water?",

@@ -1,0 +1,68 @@
+"""Where train.py's time goes (run by hand): one epoch of its training steps and validation on the
+random Qwen2.5-0.5B-shaped model of bench_speed.py, under torch.profiler, next to a FLOP count.
+
+    python tests/profile_speed.py
+"""
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+from bench_speed import QA  # noqa: E402
+from inject import inject_lora, set_lora_training  # noqa: E402
+
+
+def main():
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    demo = train.demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    inject_lora(model, ["q_proj", "v_proj"], [20, 21, 22, 23], r=8, alpha=16, dropout=0.0)
+    eot = train.end_of_turn_id(tokenizer)
+    examples = [train.encode(tokenizer, q, a, eot) for q, a in QA]
+    train_set, val_set = examples[:11], examples[11:]
+    t0 = time.time()
+    train.cache_prefix(model, examples, 20, tokenizer.pad_token_id, "cpu")
+    cache_s = time.time() - t0
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def epoch():
+        set_lora_training(model, True)
+        for batch in train.length_batches(train_set, 4, random.Random(0)):
+            loss, _, _ = train.batch_loss(model, train.collate(batch, tokenizer.pad_token_id, "cpu"), 20)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train.evaluate(model, val_set, 4, tokenizer.pad_token_id, "cpu", 20)
+
+    epoch()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.time()
+        epoch()
+        epoch_s = time.time() - t0
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+    # FLOPs of one epoch: 4 target layers forward + backward (input grads; LoRA grads are tiny),
+    # the LM head at answer positions forward + backward, validation forward.
+    per_layer = 896 * 896 * 2 + 896 * 128 * 2 + 3 * 896 * 4864
+    tokens = sum(len(e["input_ids"]) for e in train_set)
+    answers = sum(len(e["target_ids"]) for e in train_set)
+    val_tokens = sum(len(e["input_ids"]) for e in val_set)
+    val_answers = sum(len(e["target_ids"]) for e in val_set)
+    head = 151936 * 896
+    flops = 2 * (2 * 4 * per_layer * tokens + 2 * head * answers) + 2 * (4 * per_layer * val_tokens + head * val_answers)
+    print(f"cache {cache_s:.2f}s, one epoch {epoch_s:.2f}s; the epoch's matmuls need {flops / 1e9:.0f} GFLOP "
+          f"-> {flops / 1e9 / epoch_s:.0f} GFLOP/s achieved")
+
+
+if __name__ == "__main__":
+    main()
