@@ -379,14 +379,45 @@ def cache_prefix(model, examples, first_layer, pad_id, device, batch_size=16):
             e["prefix"] = hidden[row, :len(e["input_ids"])].clone()
 
 
-def final_hidden(model, batch, first_layer):
+def final_hidden(model, batch, first_layer, needed=None):
     """Last hidden states of a batch: from the cached prefix through the upper layers when the
-    batch has one, else the plain full forward."""
+    batch has one, else the plain full forward. With `needed` (bool, batch x length: the positions
+    whose output is used) the top layer's MLP runs only there; the other positions come out wrong."""
     decoder = model.get_decoder()
-    if "prefix" not in batch:
-        return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    with only_layers(decoder, first_layer, len(decoder.layers)):
-        return decoder(inputs_embeds=batch["prefix"], attention_mask=batch["attention_mask"]).last_hidden_state
+    with top_mlp_only_at(decoder.layers[-1], needed):
+        if "prefix" not in batch:
+            return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        with only_layers(decoder, first_layer, len(decoder.layers)):
+            return decoder(inputs_embeds=batch["prefix"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+class AtPositions(torch.nn.Module):
+    """Runs a module that works position by position only at `keep` (bool, batch x length); zeros elsewhere."""
+
+    def __init__(self, inner, keep):
+        super().__init__()
+        self.inner, self.keep = inner, keep
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        out[self.keep] = self.inner(x[self.keep]).to(x.dtype)
+        return out
+
+
+@contextmanager
+def top_mlp_only_at(top_layer, keep):
+    """The top layer's MLP is most of its cost and acts on each position alone, and above the top
+    layer only the final norm and the LM head follow, which run only at the supervised positions:
+    so the MLP is needed only there (about a quarter of the tokens are answers)."""
+    mlp = getattr(top_layer, "mlp", None)
+    if keep is None or mlp is None:
+        yield
+        return
+    top_layer.mlp = AtPositions(mlp, keep)
+    try:
+        yield
+    finally:
+        top_layer.mlp = mlp
 
 
 # ----------------------------------------------------------------------------- inference
@@ -460,10 +491,10 @@ def batch_loss(model, batch, first_layer):
     which is plain cross-entropy where the target is one answer token. Also per-example recall:
     True where the greedy choice is right at every answer position (then greedy generation
     reproduces the answer exactly). The LM head only runs at supervised positions."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
-        hidden = final_hidden(model, batch, first_layer)
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     supervised = targets != IGNORE
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
+        hidden = final_hidden(model, batch, first_layer, needed=F.pad(supervised, (0, 1)))
     logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
     loss = kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
     wrong = (logits.argmax(-1) != targets[supervised]).float()
@@ -647,8 +678,10 @@ def train(config, resume=False):
     else:
         t0 = time.time()
         cache_prefix(model, everything, first_layer, pad_id, device)
-        shortest = sorted(everything, key=lambda e: len(e["input_ids"]))[:2]  # the cheapest batch to check
-        reason = check_prefix_exact(model, shortest, first_layer, pad_id, device)
+        # the start of two examples (8 and 5 tokens, so padding is checked too) is enough to check
+        probe = [dict(make_example(e["input_ids"][:n - 1], e["input_ids"][n - 1:n]), prefix=e["prefix"][:n])
+                 for e, n in zip(everything[:2], (8, 5))]  # chat prompts alone are longer than 8 tokens
+        reason = check_prefix_exact(model, probe, first_layer, pad_id, device)
         if reason:
             print(f"[cache] off: {reason}; using the full forward")
             for e in everything:
