@@ -1,17 +1,13 @@
 """Bad config.json, data.py and model input: one line naming the problem, exit code 2, no traceback,
 and an existing output/best_adapter left byte for byte as it was."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import train
 from conftest import project, run, tiny_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def expect_failure(capsys, call, *phrases):
