@@ -6,7 +6,7 @@
     python train.py --export DIR    # write base + adapter merged as a plain Hugging Face model
     python train.py --resume        # continue a run stopped by Ctrl-C or a crash
 
-Read top to bottom: config -> model -> data -> replay -> LoRA -> train -> outputs.
+Read top to bottom in train(): config -> model -> LoRA -> data -> replay -> cache -> train -> report.
 """
 import difflib
 import importlib.util
@@ -36,12 +36,13 @@ messages = [
 ]
 
 # Asked before and after training: the report shows which answers changed (forgetting check).
+# Kept apart from REPLAY_QUESTIONS, so the check also covers questions training never saw.
 ordinary_questions = [
     "What is the capital of France?",
-    "How many days are in a week?",
-    "Who wrote Romeo and Juliet?",
+    "What is the capital of Germany?",
+    "How many minutes are in an hour?",
     "What is the chemical symbol for water?",
-    "中国的首都是哪里？",
+    "日本的首都是哪里？",
 ]
 
 # Ordinary questions the base model answers before training; its own answers are mixed into
