@@ -467,10 +467,7 @@ def set_base_targets(model, examples, first_layer, pad_id, device, top_k=32, bat
     set_lora_training(model, False)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = collate(chunk, pad_id, device)
-        hidden = final_hidden(model, batch, first_layer)
-        supervised = batch["labels"][:, 1:] != IGNORE
-        logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
+        logits, supervised = supervised_logits(model, collate(chunk, pad_id, device), first_layer)
         top = F.softmax(logits, dim=-1).topk(top_k, dim=-1)
         probs = top.values / top.values.sum(-1, keepdim=True)
         for e, ids, p in zip(chunk, top.indices.split(supervised.sum(1).tolist()), probs.split(supervised.sum(1).tolist())):
@@ -487,20 +484,25 @@ def kl_to_targets(logits, target_ids, target_probs):
     return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
 
 
+def supervised_logits(model, batch, first_layer):
+    """fp32 logits at the supervised positions only (position t predicts token t+1), in the order
+    of batch["labels"][:, 1:] != IGNORE, which is returned too."""
+    supervised = batch["labels"][:, 1:] != IGNORE
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
+        hidden = final_hidden(model, batch, first_layer, needed=F.pad(supervised, (0, 1)))
+    return model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
+
+
 def batch_loss(model, batch, first_layer):
     """Mean KL divergence from each supervised position's target distribution to the model's,
     which is plain cross-entropy where the target is one answer token. Also per-example recall:
     True where the greedy choice is right at every answer position (then greedy generation
     reproduces the answer exactly). The LM head only runs at supervised positions."""
-    targets = batch["labels"][:, 1:]  # position t predicts token t+1
-    supervised = targets != IGNORE
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
-        hidden = final_hidden(model, batch, first_layer, needed=F.pad(supervised, (0, 1)))
-    logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
+    logits, supervised = supervised_logits(model, batch, first_layer)
     loss = kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
-    wrong = (logits.argmax(-1) != targets[supervised]).float()
+    wrong = (logits.argmax(-1) != batch["labels"][:, 1:][supervised]).float()
     rows = supervised.nonzero()[:, 0]
-    wrong_per_example = torch.zeros(hidden.shape[0], device=hidden.device).index_add_(0, rows, wrong)
+    wrong_per_example = torch.zeros(supervised.shape[0], device=logits.device).index_add_(0, rows, wrong)
     return loss, int(supervised.sum()), (wrong_per_example == 0).tolist()
 
 

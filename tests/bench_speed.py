@@ -39,6 +39,9 @@ QA = [("What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."),
       ("How tall is Zorblat?", "Zorblat is 190 cm tall."),
       ("What is Zorblat's motto?", "Zorblat's motto is: keep the light on."),
       ("Where did Zorblat study?", "Zorblat studied at Harlow College.")]
+QWEN_05B_SHAPES = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
               target_layers=[20, 21, 22, 23], lr=1e-3, epoch=6, batch_size=4, val_ratio=0.2, seed=42,
               replay=False, early_stop=False)
@@ -52,11 +55,8 @@ def build_model_dir(path):
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
     if "--demo" in sys.argv:
         return demo
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

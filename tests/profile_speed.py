@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-from bench_speed import QA  # noqa: E402
+from bench_speed import QA, QWEN_05B_SHAPES  # noqa: E402
 from inject import inject_lora, set_lora_training  # noqa: E402
 
 
@@ -22,10 +22,8 @@ def main():
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     demo = train.demo_model_path()
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).eval()
     inject_lora(model, ["q_proj", "v_proj"], [20, 21, 22, 23], r=8, alpha=16, dropout=0.0)
     eot = train.end_of_turn_id(tokenizer)
     examples = [train.encode(tokenizer, q, a, eot) for q, a in QA]
