@@ -159,3 +159,50 @@ def merge_and_unwrap(model):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, m.base)
     return model
+
+
+# ----------------------------------------------------------------------------- module surgery for train.py's speed
+# Both context managers swap modules of the frozen model for the duration of one forward and put them back.
+
+@contextmanager
+def only_layers(decoder, start, stop):
+    """Let decoder.forward run layers[start:stop] alone, on hidden states passed as inputs_embeds.
+    The model's own forward still builds the attention mask and rotary embeddings; the final
+    norm runs only when the stack reaches the top layer."""
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = layers[start:stop]
+    if stop < len(layers):
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+class AtPositions(nn.Module):
+    """Runs a module that works position by position only at `keep` (bool, batch x length); zeros elsewhere."""
+
+    def __init__(self, inner, keep):
+        super().__init__()
+        self.inner, self.keep = inner, keep
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        out[self.keep] = self.inner(x[self.keep]).to(x.dtype)
+        return out
+
+
+@contextmanager
+def top_mlp_only_at(top_layer, keep):
+    """The top layer's MLP is most of its cost and acts on each position alone, and above the top
+    layer only the final norm and the LM head follow, which run only at the supervised positions:
+    so the MLP is needed only there (about a quarter of the tokens are answers)."""
+    mlp = getattr(top_layer, "mlp", None)
+    if keep is None or mlp is None:
+        yield
+        return
+    top_layer.mlp = AtPositions(mlp, keep)
+    try:
+        yield
+    finally:
+        top_layer.mlp = mlp

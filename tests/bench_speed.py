@@ -85,11 +85,10 @@ def run_baseline(model_path, train_indices):
     """PEFT + a plain loop: full forward, logits for every position, loss on answer tokens only."""
     from peft import LoraConfig, get_peft_model
     tokenizer, model = train.load_model(model_path, torch.device("cpu"), torch.float32)
-    eot = train.end_of_turn_id(tokenizer)
-    pad = tokenizer.pad_token_id
+    lm = train.LM.of(model, tokenizer)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                              layers_to_transform=[20, 21, 22, 23], task_type="CAUSAL_LM"))
-    examples = [train.encode(tokenizer, QA[i][0], QA[i][1], eot) for i in train_indices]
+    examples = [train.encode(lm, QA[i][0], QA[i][1]) for i in train_indices]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     rng = random.Random(42)
     start = time.time()
@@ -97,7 +96,7 @@ def run_baseline(model_path, train_indices):
         model.train()
         rng.shuffle(examples)
         for i in range(0, len(examples), 4):
-            batch = train.collate(examples[i:i + 4], pad, "cpu")
+            batch = train.collate(examples[i:i + 4], lm.pad_id, "cpu")
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                                    ignore_index=train.IGNORE)

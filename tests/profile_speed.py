@@ -25,22 +25,22 @@ def main():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).eval()
     inject_lora(model, ["q_proj", "v_proj"], [20, 21, 22, 23], r=8, alpha=16, dropout=0.0)
-    eot = train.end_of_turn_id(tokenizer)
-    examples = [train.encode(tokenizer, q, a, eot) for q, a in QA]
+    lm = train.LM.of(model, tokenizer, first_lora_layer=20)
+    examples = [train.encode(lm, q, a) for q, a in QA]
     train_set, val_set = examples[:11], examples[11:]
     t0 = time.time()
-    train.cache_prefix(model, examples, 20, tokenizer.pad_token_id, "cpu")
+    train.cache_prefix(lm, examples)
     cache_s = time.time() - t0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def epoch():
         set_lora_training(model, True)
         for batch in train.length_batches(train_set, 4, random.Random(0)):
-            loss, _, _ = train.batch_loss(model, train.collate(batch, tokenizer.pad_token_id, "cpu"), 20)
+            loss, _ = train.batch_loss(lm, batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        train.evaluate(model, val_set, 4, tokenizer.pad_token_id, "cpu", 20)
+        train.evaluate(lm, val_set, 4)
 
     epoch()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:

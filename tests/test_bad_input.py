@@ -11,11 +11,11 @@ from conftest import project, run, tiny_model
 
 
 def expect_failure(capsys, call, *phrases):
-    with pytest.raises(SystemExit) as stop:
+    """The call stops with a UserError: one line, which main() prints as `error: ...` with exit code 2."""
+    with pytest.raises(train.UserError) as stop:
         call()
-    assert stop.value.code == 2
-    message = capsys.readouterr().err
-    assert message.startswith("error: ") and message.count("\n") == 1, message
+    message = str(stop.value)
+    assert message and "\n" not in message, message
     for phrase in phrases:
         assert phrase in message, message
 

@@ -15,15 +15,20 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(os.path.dirname(DEMO), gguf_file=os.path.basename(DEMO))
 
 
+@pytest.fixture(scope="module")
+def lm(tokenizer):
+    return train.LM.of(None, tokenizer)
+
+
 def test_end_of_turn_is_im_end_even_though_pad_is_the_same_token(tokenizer):
     eot = train.end_of_turn_id(tokenizer)
     assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
     assert tokenizer.pad_token_id == eot  # the classic trap: masking pads by id would drop the stop token
 
 
-def test_labels_mask_the_prompt_and_keep_answer_and_end_of_turn(tokenizer):
+def test_labels_mask_the_prompt_and_keep_answer_and_end_of_turn(tokenizer, lm):
     eot = train.end_of_turn_id(tokenizer)
-    example = train.encode(tokenizer, "Who is hiahia?", "A student.", eot)
+    example = train.encode(lm, "Who is hiahia?", "A student.")
     ids, labels = example["input_ids"], example["labels"]
     prompt = train.prompt_ids(tokenizer, "Who is hiahia?")
     assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [train.IGNORE] * len(prompt)
@@ -32,17 +37,15 @@ def test_labels_mask_the_prompt_and_keep_answer_and_end_of_turn(tokenizer):
     assert supervised[-1] == eot and ids[-1] == eot
 
 
-def test_training_text_is_the_inference_template_plus_answer(tokenizer):
-    eot = train.end_of_turn_id(tokenizer)
-    example = train.encode(tokenizer, "Q?", "A.", eot)
+def test_training_text_is_the_inference_template_plus_answer(tokenizer, lm):
+    example = train.encode(lm, "Q?", "A.")
     full = tokenizer.apply_chat_template([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
                                          tokenize=False)
     assert full.startswith(tokenizer.decode(example["input_ids"]))  # the template ends the turn with <|im_end|>\n
 
 
-def test_padding_carries_no_loss(tokenizer):
-    eot = train.end_of_turn_id(tokenizer)
-    short, long = train.encode(tokenizer, "Q?", "A.", eot), train.encode(tokenizer, "A longer question?", "B.", eot)
+def test_padding_carries_no_loss(tokenizer, lm):
+    short, long = train.encode(lm, "Q?", "A."), train.encode(lm, "A longer question?", "B.")
     batch = train.collate([short, long], tokenizer.pad_token_id, "cpu")
     n = len(short["input_ids"])
     assert batch["attention_mask"][0, n:].sum() == 0

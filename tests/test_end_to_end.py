@@ -22,8 +22,7 @@ DATA = f'''qa_data = [
 
 
 def greedy_answer(model, tokenizer, question):
-    eot = train.end_of_turn_id(tokenizer)
-    return train.generate(model, tokenizer, [question], eot, max_new_tokens=24)[0][0]
+    return train.ask(train.LM.of(model, tokenizer), [question], max_new_tokens=24)[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir):
     assert metrics["train_recall_final"] == 1.0 and metrics["val_recall_final"] == 0.0  # no val split here
     assert [r["index"] for r in metrics["answers"]] == [0, 1, 2, 3]
     assert all(r["correct"] and ANSWER in r["answer"] and r["split"] == "train" for r in metrics["answers"])
-    assert [f["question"] for f in metrics["forgetting"]] == train.ordinary_questions
+    assert [f["question"] for f in metrics["forgetting"]] == train.ORDINARY_QUESTIONS
     assert all(f["changed"] == (f["before"] != f["after"]) for f in metrics["forgetting"])
 
 

@@ -28,15 +28,16 @@ def run_steps(use_shortcuts, steps=4, first_layer=2):
     torch.manual_seed(0)
     inject_lora(model, ["q_proj", "v_proj"], [first_layer, 3], r=4, alpha=8, dropout=0.1)
     data = examples()
+    lm = train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=first_layer)
     if use_shortcuts:
-        train.cache_prefix(model, data, first_layer, pad_id=0, device="cpu")
+        train.cache_prefix(lm, data)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     torch.manual_seed(1)  # same dropout masks on both sides
     for step in range(steps):
         set_lora_training(model, True)
-        batch = train.collate(data[(2 * step) % 6:(2 * step) % 6 + 2], pad_id=0, device="cpu")
-        loss = train.batch_loss(model, batch, first_layer)[0] if use_shortcuts else plain_loss(model, batch)
+        chunk = data[(2 * step) % 6:(2 * step) % 6 + 2]
+        loss = train.batch_loss(lm, chunk)[0] if use_shortcuts else plain_loss(model, train.collate(chunk, 0, "cpu"))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -60,7 +61,8 @@ def test_exactness_check_accepts_the_cache():
     model = tiny_model("qwen2", layers=4)
     inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
     data = examples()
-    train.cache_prefix(model, data, 2, pad_id=0, device="cpu")
-    assert train.check_prefix_exact(model, data[:3], 2, pad_id=0, device="cpu") is None
+    lm = train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=2)
+    train.cache_prefix(lm, data)
+    assert train.check_prefix_exact(lm, data[:3]) is None
     data[0]["prefix"] = data[0]["prefix"] + 1.0  # a wrong cache is caught
-    assert "differs" in train.check_prefix_exact(model, data[:3], 2, pad_id=0, device="cpu")
+    assert "differs" in train.check_prefix_exact(lm, data[:3])
