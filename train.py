@@ -88,17 +88,18 @@ DEFAULTS = {
 
 
 def train(config, resume=False):
-    """The recipe: data -> model with LoRA -> examples -> replay -> cache -> fit -> report."""
+    """The recipe: data -> model with LoRA -> examples -> base answers -> cache -> fit -> report."""
     qa_data = load_data(config)  # checked before the slow model load
     os.makedirs(config["output_dir"], exist_ok=True)
     lm = load_model_with_lora(config)
     train_set, val_set = encode_and_split(lm, qa_data, config)
-    replay_set = replay_examples(lm, config["output_dir"]) if config["replay"] else []
+    replay_set, drift_set = base_answer_examples(lm, config)
+    data = Examples(train_set, val_set, replay_set, drift_set)
     before = ask(lm, ORDINARY_QUESTIONS, config["max_new_tokens"])  # forgetting check, part 1
     started = time.time()  # train_seconds counts the cache too
-    cache_frozen_prefix(lm, train_set + val_set + replay_set)
-    set_base_targets(lm, replay_set)  # LoRA's B is still zero: these are the base model's distributions
-    run = fit(lm, train_set, val_set, replay_set, config, started, resume)
+    cache_frozen_prefix(lm, data.everything())
+    set_base_targets(lm, replay_set + drift_set)  # LoRA's B is still zero: the base model's distributions
+    run = fit(lm, data, config, started, resume)
     report(lm, qa_data, run, before, config)
 
 
@@ -118,10 +119,6 @@ def load_data(config, path="data.py"):
         raise UserError(f"{path}: qa_data is empty; add question/answer pairs")
     for i, item in enumerate(qa_data):
         check_item(path, i, item)
-    n_val = round(len(qa_data) * config["val_ratio"])
-    if config["val_ratio"] > 0 and not 1 <= n_val < len(qa_data):
-        raise UserError(f"{path}: {len(qa_data)} pairs are too few for val_ratio {config['val_ratio']} "
-                        f"(nothing or everything would be held out); add pairs or set val_ratio to 0 in config.json")
     questions = [question_of(item) for item in qa_data]
     duplicates = len(questions) - len(set(questions))
     if duplicates:
@@ -206,43 +203,71 @@ def load_model_with_lora(config):
 # ----------------------------------------------------------------------------- phase 3: examples
 
 def encode_and_split(lm, qa_data, config):
-    """Every pair of data.py as chat-template tokens with answer-only labels, split into train and
-    validation by `seed`. Each example keeps its index into qa_data."""
-    examples = [dict(encode(lm, question_of(item), item["output"]), index=i) for i, item in enumerate(qa_data)]
+    """Every pair of data.py as chat-template tokens with answer-only labels, split by fact into
+    train and validation (see split_by_fact). Each example keeps its index into qa_data."""
+    examples = [dict(encode(lm, question_of(item), item["output"]), index=i, fact=fact_of(item["output"]))
+                for i, item in enumerate(qa_data)]
     too_long = [e["index"] for e in examples if len(e["input_ids"]) > config["max_length"]]
     if too_long:
         print(f"[data] warning: {len(too_long)} examples are longer than max_length={config['max_length']} "
               f"tokens and are left out (items {too_long[:5]}); raise max_length to keep them")
-    train_idx, val_idx = split_indices(len(examples), config["val_ratio"], config["seed"])
-    train_set = [examples[i] for i in train_idx if i not in too_long]
-    val_set = [examples[i] for i in val_idx if i not in too_long]
-    print(f"[data] {len(train_set)} train / {len(val_set)} val pairs (seed {config['seed']})")
+    examples = [e for e in examples if e["index"] not in too_long]
+    train_at, val_at = split_by_fact([e["fact"] for e in examples], config["val_ratio"], config["seed"])
+    train_set, val_set = [examples[i] for i in train_at], [examples[i] for i in val_at]
+    print(f"[data] {len({e['fact'] for e in examples})} facts in {len(examples)} pairs: {len(train_set)} train / "
+          f"{len(val_set)} val (seed {config['seed']})")
+    if config["val_ratio"] > 0 and not val_set:
+        print("[data] no phrasing can be held out (each fact is written once, and every fact is trained): "
+              "validation measures drift from the base model on ORDINARY_QUESTIONS")
     return train_set, val_set
 
 
-def split_indices(n, val_ratio, seed):
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(round(n * val_ratio), n - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])
+def fact_of(answer):
+    """Pairs whose answers are equal after trimming spaces and end punctuation are one fact."""
+    return answer.strip().rstrip(".。!！?？;；…").strip()
 
 
-# ----------------------------------------------------------------------------- phase 4: replay
+def split_by_fact(facts, val_ratio, seed):
+    """(train, validation) positions in `facts` (one fact_of() per pair). Validation only takes
+    extra phrasings of facts whose other phrasings stay in training: a fact written once is always
+    trained. Which phrasing stays is drawn by `seed`; held-out phrasings are taken one fact after
+    another, so that validation covers as many facts as it can."""
+    rng = random.Random(seed)
+    phrasings = {}
+    for i, fact in enumerate(facts):
+        phrasings.setdefault(fact, []).append(i)
+    spare = []  # (rank within its fact, tie-break, position): rank 0 is each fact's second phrasing
+    for positions in phrasings.values():
+        order = rng.sample(positions, len(positions))
+        spare += [(rank, rng.random(), i) for rank, i in enumerate(order[1:])]
+    n_val = min(round(len(facts) * val_ratio), len(spare))
+    val = sorted(i for _, _, i in sorted(spare)[:n_val])
+    return [i for i in range(len(facts)) if i not in val], val
 
-def replay_examples(lm, out_dir):
-    """The base model's own answers to REPLAY_QUESTIONS, made once per model and cached in out_dir."""
+
+# ----------------------------------------------------------------------------- phase 4: the base model's answers
+
+def base_answer_examples(lm, config):
+    """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
+    trained when `replay` is on so that new facts do not overwrite what the model knew, and to
+    ORDINARY_QUESTIONS, never trained, on which validation measures how far the model drifted."""
     slug = "".join(c if c.isalnum() else "_" for c in lm.path.strip("/").split("/")[-1])
-    cache_path = os.path.join(out_dir, f"replay_{slug}.json")
+    cache_path = os.path.join(config["output_dir"], f"base_answers_{slug}.json")
     cache = json.load(open(cache_path, encoding="utf-8")) if os.path.exists(cache_path) else {}
-    todo = [q for q in REPLAY_QUESTIONS if q not in cache]
+    questions = (REPLAY_QUESTIONS if config["replay"] else []) + ORDINARY_QUESTIONS
+    todo = [q for q in questions if q not in cache]
     if todo:
-        print(f"[replay] the base model answers {len(todo)} ordinary questions (cached in {cache_path})")
+        print(f"[base] the base model answers {len(todo)} ordinary questions (cached in {cache_path})")
         answers = generate(lm, todo, REPLAY_MAX_TOKENS)
         cache.update({q: {"answer": a, "finished": done} for q, (a, done) in zip(todo, answers)})
         write_json(cache_path, cache)
-    replay_set = [dict(encode(lm, q, cache[q]["answer"], cache[q]["finished"]), replay=True)
-                  for q in REPLAY_QUESTIONS]
-    print(f"[replay] {len(replay_set)} replay pairs mixed into training")
-    return replay_set
+    def examples(chosen):
+        return [encode(lm, q, cache[q]["answer"], cache[q]["finished"]) for q in chosen]
+
+    replay_set = examples(REPLAY_QUESTIONS) if config["replay"] else []
+    if replay_set:
+        print(f"[replay] {len(replay_set)} replay pairs mixed into training")
+    return replay_set, examples(ORDINARY_QUESTIONS)
 
 
 def ask(lm, questions, max_new_tokens):
@@ -302,13 +327,14 @@ def check_prefix_exact(lm, examples):
     return None if error < tolerance else f"the cached forward differs from the full one (relative {error:.1e})"
 
 
-# ----------------------------------------------------------------------------- phase 6: replay targets
+# ----------------------------------------------------------------------------- phase 6: soft targets
 
 @torch.no_grad()
 def set_base_targets(lm, examples, top_k=32, batch_size=16):
     """Replace the one-hot targets of `examples` by the model's own top-k next-token distribution.
-    Called on the replay pairs before training, when the model is still the base model: matching
-    the whole distribution keeps more of what the model knew than matching its greedy text."""
+    Called on the base model's answers before training, when the model is still the base model:
+    matching the whole distribution keeps more of what the model knew than matching its greedy
+    text, and the KL to it measures how far the model has drifted."""
     set_lora_training(lm.model, False)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -323,17 +349,28 @@ def set_base_targets(lm, examples, top_k=32, batch_size=16):
 # ----------------------------------------------------------------------------- phase 7: fit
 
 @dataclass
+class Examples:
+    """What fit() trains on and validates with (token examples, see encode)."""
+    train: list  # data.py's pairs, at least one phrasing of every fact
+    val: list  # the other phrasings held out (split_by_fact)
+    replay: list  # the base model's answers to REPLAY_QUESTIONS, trained to keep what it knew
+    drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
+
+    def everything(self):
+        return self.train + self.val + self.replay + self.drift
+
+
+@dataclass
 class Run:
     """A training run: the optimizer, the shuffling RNG and what has been done so far. Saved after
     every epoch (save_state), so that --resume continues exactly where it stopped."""
     config: dict
-    train_set: list
-    val_set: list
+    data: Examples
     optimizer: torch.optim.Optimizer
     rng: random.Random
     started: float  # time.time() when this process began training
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "train_recall": [],
-                                                   "val_recall": [], "seconds": []})
+                                                   "val_recall": [], "drift": [], "seconds": []})
     best_epoch: int = None
     best_key: list = None
     seconds_before: float = 0.0  # training time of the runs that --resume continues
@@ -345,23 +382,25 @@ class Run:
     def summary(self, lm):
         """The part of metrics.json that training writes."""
         return {"model": lm.path, "model_name": self.config["model_name"], "seed": self.config["seed"],
-                "train_indices": [e["index"] for e in self.train_set],
-                "val_indices": [e["index"] for e in self.val_set], **self.history, "best_epoch": self.best_epoch,
+                "facts": len({e["fact"] for e in self.data.train + self.data.val}),
+                "facts_trained": len({e["fact"] for e in self.data.train}),
+                "train_indices": [e["index"] for e in self.data.train],
+                "val_indices": [e["index"] for e in self.data.val], **self.history, "best_epoch": self.best_epoch,
                 "train_seconds": self.train_seconds, "config": self.config}
 
 
-def fit(lm, train_set, val_set, replay_set, config, started, resume):
+def fit(lm, data, config, started, resume):
     """AdamW on the LoRA tensors, epoch by epoch; after each, end_epoch() validates and saves."""
     from tqdm import tqdm
     optimizer = torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad], lr=config["lr"])
-    run = Run(config, train_set, val_set, optimizer, random.Random(config["seed"]), started)
+    run = Run(config, data, optimizer, random.Random(config["seed"]), started)
     if resume:  # continue exactly where the last completed epoch left off
         load_state(run, lm)
     stop = StopFlag()  # Ctrl-C: finish the current step, then wrap up
     for epoch in range(len(run.history["train_loss"]) + 1, config["epoch"] + 1):
         epoch_started = time.time()
         set_lora_training(lm.model, True)
-        batches = length_batches(train_set + replay_set, config["batch_size"], run.rng)
+        batches = length_batches(data.train + data.replay, config["batch_size"], run.rng)
         losses, recalled = [], []
         bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
         for batch in bar:
@@ -374,7 +413,7 @@ def fit(lm, train_set, val_set, replay_set, config, started, resume):
             optimizer.step()
             losses.append(loss.item())
             # recall comes free with the training pass: was the whole answer right at this step?
-            recalled += [hit for e, hit in zip(batch, hits) if not e.get("replay")]
+            recalled += [hit for e, hit in zip(batch, hits) if "index" in e]  # data.py's pairs only
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if stop.reason:
                 break
@@ -396,20 +435,22 @@ def fit(lm, train_set, val_set, replay_set, config, started, resume):
 
 def end_epoch(run, lm, epoch, epoch_started, train_loss, train_recall):
     """Validate, record, keep the best adapter, save the state for --resume, print; True to stop early."""
-    val_loss, val_recall = evaluate(lm, run.val_set, run.config["batch_size"]) if run.val_set else (None, None)
-    for key, value in zip(("train_loss", "val_loss", "train_recall", "val_recall"),
-                          (train_loss, val_loss, train_recall, val_recall)):
+    data, batch_size = run.data, run.config["batch_size"]
+    val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
+    drift, _ = evaluate(lm, data.drift, batch_size)
+    for key, value in zip(("train_loss", "val_loss", "train_recall", "val_recall", "drift"),
+                          (train_loss, val_loss, train_recall, val_recall, drift)):
         run.history[key].append(value)
-    # best: the most trained answers fully right, then the lowest validation loss
-    key = [train_recall, -(val_loss if run.val_set else train_loss)]
+    # best: the most trained answers recalled, then the most held-out phrasings, then the least drift
+    key = [train_recall, val_recall or 0.0, -drift]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
         with replaced_atomically(best_adapter_dir(run.config)) as tmp:
             save_adapter(lm.model, tmp, lm.path)
     run.history["seconds"].append(time.time() - epoch_started)
     save_state(run, lm)
-    val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if run.val_set else "-"
-    print(f"epoch {epoch:2d}  train {train_loss:.4f}  val {val_text}  recall {train_recall:.0%}  "
+    val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if data.val else "-"
+    print(f"epoch {epoch:2d}  train {train_loss:.4f}  val {val_text}  recall {train_recall:.0%}  drift {drift:.4f}  "
           f"{run.history['seconds'][-1]:.1f}s{'  *best' if run.best_epoch == epoch else ''}")
     # every epoch past full recall moves the model further from what it knew: stop early
     if run.config["early_stop"] and run.history["train_recall"][-2:] == [1.0, 1.0]:
@@ -446,7 +487,7 @@ def report(lm, qa_data, run, before, config):
 def recall_report(lm, qa_data, run, max_new_tokens):
     """Greedy answers to every trained and validation question; an answer counts when it contains
     the expected one. Prints a short table, returns the full list and both recall rates."""
-    splits = [(e["index"], "train") for e in run.train_set] + [(e["index"], "val") for e in run.val_set]
+    splits = [(e["index"], "train") for e in run.data.train] + [(e["index"], "val") for e in run.data.val]
     longest = max(len(lm.tokenizer(qa_data[i]["output"]).input_ids) for i, _ in splits)
     answers = ask(lm, [question_of(qa_data[i]) for i, _ in splits], max(max_new_tokens, longest + 8))
     rows = [{"index": i, "split": split, "question": question_of(qa_data[i]), "expected": qa_data[i]["output"],
@@ -843,12 +884,13 @@ def write_outputs(out_dir, history, best_epoch, metrics):
     import matplotlib.pyplot as plt
     epochs = range(1, len(history["train_loss"]) + 1)
     plt.figure(figsize=(6, 4))
-    plt.plot(epochs, history["train_loss"], "o-", label="train")
+    plt.plot(epochs, history["train_loss"], "o-", label="train loss")
     if any(v is not None for v in history["val_loss"]):
-        plt.plot(epochs, history["val_loss"], "o-", label="val")
+        plt.plot(epochs, history["val_loss"], "o-", label="validation loss (held-out phrasings)")
+    plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:
         plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
-    plt.xlabel("epoch"), plt.ylabel("loss"), plt.legend(), plt.tight_layout()
+    plt.xlabel("epoch"), plt.ylabel("loss / KL"), plt.yscale("log"), plt.legend(fontsize=8), plt.tight_layout()
     plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
     plt.close()
     write_json(os.path.join(out_dir, "metrics.json"), metrics)

@@ -55,7 +55,6 @@ def test_bad_config(tmp_path, capsys, text, phrases):
     ("qa_data = [{'instruction': 'Q?', 'input': '', 'output': 2006}]", ["qa_data[0]['output'] must be a string, not a int"]),
     ("qa_data = [{'instruction': 'Q?', 'input': None, 'output': 'A'}]", ["qa_data[0]['input'] must be a string"]),
     ("qa_data = [{'instruction': 'Q?', 'input': '', 'output': '  '}]", ["qa_data[0]['output'] is empty"]),
-    ("qa_data = [{'instruction': 'Q?', 'input': '', 'output': 'A'}] * 2", ["2 pairs are too few for val_ratio 0.2"]),
     ("raise RuntimeError('oops')", ["running it failed: RuntimeError: oops"]),
 ])
 def test_bad_data(tmp_path, capsys, text, phrases):
