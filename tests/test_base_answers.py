@@ -1,0 +1,85 @@
+"""The base model's answers (replay and drift): generated once, cached in a file a user can read and
+edit, and a broken cache file answered again instead of a traceback."""
+import json
+
+import pytest
+import torch
+
+import train
+
+
+@pytest.fixture
+def lm(tiny_model_dir):
+    tokenizer, model = train.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    return train.LM.of(model, tokenizer, path=str(tiny_model_dir))
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """The questions the base model is asked, in order; the answers are the real generate()'s."""
+    questions, real_generate = [], train.generate
+
+    def counting_generate(lm, conversations, max_new_tokens, **kwargs):
+        assert max_new_tokens == train.REPLAY_MAX_TOKENS  # the start of an answer is what is kept
+        questions.extend(conversations)
+        return real_generate(lm, conversations, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(train, "generate", counting_generate)
+    return questions
+
+
+def cache_file(tmp_path, lm):
+    return tmp_path / f"base_answers_{lm.path.strip('/').split('/')[-1]}.json"
+
+
+def config(tmp_path, **changes):
+    return dict(train.DEFAULTS, output_dir=str(tmp_path), **changes)
+
+
+def test_answers_are_generated_once_then_read_from_the_cache(lm, asked, tmp_path):
+    replay, drift = train.base_answer_examples(lm, config(tmp_path))
+    assert asked == train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS
+    assert len(replay) == len(train.REPLAY_QUESTIONS) and len(drift) == len(train.ORDINARY_QUESTIONS)
+    cached = json.loads(cache_file(tmp_path, lm).read_text())
+    assert set(cached) == set(train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS)
+    assert [e["input_ids"] for e in replay] == [train.encode(lm, q, cached[q]["answer"], cached[q]["finished"])
+                                                ["input_ids"] for q in train.REPLAY_QUESTIONS]
+
+    asked.clear()
+    again = train.base_answer_examples(lm, config(tmp_path))
+    assert asked == []  # nothing generated the second time
+    assert [e["input_ids"] for e in again[0] + again[1]] == [e["input_ids"] for e in replay + drift]
+
+
+def test_an_edited_answer_is_what_replay_trains(lm, asked, tmp_path):
+    train.base_answer_examples(lm, config(tmp_path))
+    path = cache_file(tmp_path, lm)
+    cached = json.loads(path.read_text())
+    question = train.REPLAY_QUESTIONS[0]
+    cached[question] = {"answer": "Tokyo.", "finished": True}
+    path.write_text(json.dumps(cached))
+    replay, _ = train.base_answer_examples(lm, config(tmp_path))
+    assert replay[0]["input_ids"] == train.encode(lm, question, "Tokyo.")["input_ids"]
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda text: text[:len(text) // 2], "cannot be read"),  # a crash while an older version wrote it
+    (lambda text: json.dumps(["not", "a", "cache"]), "is not a {question: answer} object"),
+])
+def test_a_broken_cache_is_answered_again(lm, asked, tmp_path, capsys, broken, message):
+    train.base_answer_examples(lm, config(tmp_path))
+    path = cache_file(tmp_path, lm)
+    path.write_text(broken(path.read_text()))
+    asked.clear()
+    replay, drift = train.base_answer_examples(lm, config(tmp_path))
+    assert message in capsys.readouterr().out
+    assert asked == train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS
+    assert len(json.loads(path.read_text())) == len(asked) and len(replay) == len(train.REPLAY_QUESTIONS)
+
+
+def test_a_malformed_entry_is_answered_again_and_replay_off_asks_only_the_drift_questions(lm, asked, tmp_path):
+    path = cache_file(tmp_path, lm)
+    path.write_text(json.dumps({train.ORDINARY_QUESTIONS[0]: {"answer": 42}}))
+    replay, drift = train.base_answer_examples(lm, config(tmp_path, replay=False))
+    assert replay == [] and len(drift) == len(train.ORDINARY_QUESTIONS)
+    assert asked == train.ORDINARY_QUESTIONS

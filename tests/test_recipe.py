@@ -1,0 +1,127 @@
+"""The default recipe, in-process on a tiny Qwen2: early stop, the choice of the best epoch, replay
+kept out of recall, the frozen-prefix cache and its fallback, and a diverging run."""
+import math
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import tiny_model
+from inject import inject_lora, load_adapter
+
+
+def tiny_lm(layers=(2, 3), dropout=0.0):
+    model = tiny_model("qwen2", layers=4)
+    torch.manual_seed(0)
+    inject_lora(model, ["q_proj", "v_proj"], list(layers), r=4, alpha=8, dropout=dropout)
+    return train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=min(layers), path="tiny")
+
+
+def random_ids(n, generator):
+    return torch.randint(2, 96, (n,), generator=generator).tolist()
+
+
+@torch.no_grad()
+def known_pair(lm, prompt, n, index):
+    """A pair whose answer is the model's own greedy continuation: recalled before any training."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return dict(train.make_example(prompt, ids[len(prompt):]), index=index, fact=f"fact {index}")
+
+
+def unknown_pair(prompt, answer, index):
+    return dict(train.make_example(prompt, answer), index=index, fact=f"fact {index}")
+
+
+def examples(lm, known, seed=0):
+    """data.train: 4 pairs (known, or random 2-token answers); replay: 4 random answers with the base
+    model's soft targets; drift: 3 more, never trained."""
+    g = torch.Generator().manual_seed(seed)
+    train_set = [known_pair(lm, random_ids(9, g), 3, i) if known else unknown_pair(random_ids(9, g), random_ids(2, g), i)
+                 for i in range(4)]
+    replay, drift = [[train.make_example(random_ids(9, g), random_ids(4, g)) for _ in range(n)] for n in (4, 3)]
+    data = train.Examples(train_set, [], replay, drift)
+    train.set_base_targets(lm, replay + drift)
+    return data
+
+
+def fit(lm, data, tmp_path, **config):
+    config = dict(train.DEFAULTS, output_dir=str(tmp_path), batch_size=2, seed=0, **config)
+    return train.fit(lm, data, config, started=time.time(), resume=False)
+
+
+def test_replay_is_trained_but_never_counted_in_recall_and_early_stop_waits_for_two_full_epochs(tmp_path):
+    lm = tiny_lm()
+    data = examples(lm, known=True)
+    assert train.evaluate(lm, data.train, 4)[1] == 1.0 and train.evaluate(lm, data.replay, 4)[1] == 0.0
+    run = fit(lm, data, tmp_path, lr=1e-9, epoch=6)  # the model stays as it is
+    assert run.history["train_recall"] == [1.0, 1.0]  # replay, never recalled, does not count
+    assert (tmp_path / "best_adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "last_state").exists()  # a finished run leaves nothing to resume
+
+
+def test_no_early_stop_without_full_recall_or_when_switched_off(tmp_path):
+    lm = tiny_lm()
+    assert len(fit(lm, examples(lm, known=False), tmp_path / "a", lr=1e-9, epoch=3).history["train_loss"]) == 3
+    lm = tiny_lm()
+    run = fit(lm, examples(lm, known=True), tmp_path / "b", lr=1e-9, epoch=3, early_stop=False)
+    assert run.history["train_recall"] == [1.0, 1.0, 1.0]
+
+
+def test_best_epoch_is_most_recall_then_least_drift_and_is_the_saved_adapter(tmp_path):
+    lm = tiny_lm()
+    data = examples(lm, known=False)
+    run = fit(lm, data, tmp_path, lr=5e-2, epoch=12, early_stop=False)
+    history = run.history
+    keys = [(r, -d) for r, d in zip(history["train_recall"], history["drift"])]
+    assert len(set(history["train_recall"])) > 1 and len(set(history["drift"])) > 1  # a real choice
+    assert run.best_epoch == keys.index(max(keys)) + 1
+    load_adapter(lm.model, tmp_path / "best_adapter")  # what was saved is that epoch's model
+    assert math.isclose(train.evaluate(lm, data.drift, 4)[0], history["drift"][run.best_epoch - 1], rel_tol=1e-5)
+
+
+def losses_with_cache(monkeypatch, tmp_path, layers, mismatch=False):
+    lm = tiny_lm(layers, dropout=0.1)
+    data = examples(lm, known=False)
+    if mismatch:
+        monkeypatch.setattr(train, "check_prefix_exact", lambda lm, probe: "a forced mismatch")
+    train.cache_frozen_prefix(lm, data.everything())
+    cached = "prefix" in data.train[0]
+    torch.manual_seed(1)  # the same dropout masks in every run
+    return fit(lm, data, tmp_path, lr=1e-2, epoch=3, early_stop=False).history, cached
+
+
+def test_cache_its_fallback_and_no_cache_train_alike(monkeypatch, tmp_path, capsys):
+    full, cached = losses_with_cache(monkeypatch, tmp_path / "cache", (1, 3))
+    assert cached and "[cache] layers 0-0 computed once" in capsys.readouterr().out
+    fallback, cached = losses_with_cache(monkeypatch, tmp_path / "fallback", (1, 3), mismatch=True)
+    assert not cached and "[cache] off: a forced mismatch; using the full forward" in capsys.readouterr().out
+    for key in ("train_loss", "drift"):
+        assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(full[key], fallback[key])), key
+    from_zero, cached = losses_with_cache(monkeypatch, tmp_path / "zero", (0, 3))
+    assert not cached and "[cache] off: LoRA starts at layer 0" in capsys.readouterr().out
+    assert from_zero["train_loss"][-1] < from_zero["train_loss"][0]
+
+
+def test_a_diverged_epoch_is_never_saved_and_the_last_finite_adapter_is_kept(monkeypatch, tmp_path):
+    from peft import PeftModel
+    steps = []
+    real_batch_loss = train.batch_loss
+
+    def blows_up_in_epoch_3(lm, batch):  # 4 pairs + 4 replay in batches of 2: 4 steps an epoch
+        steps.append(torch.is_grad_enabled())  # validation runs without gradients
+        loss, hits = real_batch_loss(lm, batch)
+        return (loss * math.inf if sum(steps) > 8 else loss), hits
+
+    monkeypatch.setattr(train, "batch_loss", blows_up_in_epoch_3)
+    lm = tiny_lm()
+    with pytest.raises(train.UserError, match="diverged in epoch 3 .*lower lr") as stopped:
+        fit(lm, examples(lm, known=False), tmp_path, lr=1e-2, epoch=5, early_stop=False)
+    assert "the best adapter (epoch 2)" in str(stopped.value) or "the best adapter (epoch 1)" in str(stopped.value)
+    saved = load_file(tmp_path / "best_adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    peft_model = PeftModel.from_pretrained(tiny_model("qwen2", layers=4), str(tmp_path / "best_adapter")).eval()
+    assert torch.isfinite(peft_model(torch.randint(0, 96, (1, 8))).logits).all()
