@@ -51,8 +51,10 @@ def inject_lora(model, target_modules, target_layers, r, alpha, dropout):
                     found.add(child_name)
         missing = [m for m in target_modules if m not in found]
         if missing:
-            names = sorted({n.split(".")[-1] for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"target_modules {missing} not found in layer {i}; its Linear layers are {names}")
+            names = sorted({n.split(".")[-1] for n, m in layers[i].named_modules()
+                            if isinstance(m, nn.Linear)})
+            raise ValueError(f"target_modules {missing} not found in layer {i}; "
+                             f"its Linear layers are {names}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
@@ -101,7 +103,8 @@ def save_adapter(model, out_dir, base_model_name):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_file(lora_state_dict(model), os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(lora_state_dict(model), os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def load_adapter(model, adapter_dir):
@@ -118,8 +121,9 @@ def load_adapter(model, adapter_dir):
                 tensor = state[f"{PEFT_PREFIX}{name}.{part}.weight"]
                 param = getattr(m, part)
                 if tensor.shape != param.shape:
-                    raise ValueError(f"adapter in {adapter_dir}: {name}.{part} has shape {tuple(tensor.shape)}, "
-                                     f"the model expects {tuple(param.shape)} (other rank or model?)")
+                    raise ValueError(f"adapter in {adapter_dir}: {name}.{part} has shape "
+                                     f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)} "
+                                     f"(other rank or model?)")
                 param.copy_(tensor)
 
 
@@ -134,7 +138,8 @@ def inject_saved_adapter(model, adapter_dir):
     """Inject LoRA layers shaped as adapter_config.json says, then load the saved tensors."""
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         saved = json.load(f)
-    inject_lora(model, saved["target_modules"], saved["layers_to_transform"], saved["r"], saved["lora_alpha"], 0.0)
+    inject_lora(model, saved["target_modules"], saved["layers_to_transform"], saved["r"], saved["lora_alpha"],
+                dropout=0.0)
     load_adapter(model, adapter_dir)
 
 
@@ -161,7 +166,7 @@ def merge_and_unwrap(model):
     return model
 
 
-# ----------------------------------------------------------------------------- module surgery for train.py's speed
+# ------------------------------------------------------------------------- module swaps for train.py's speed
 # Both context managers swap modules of the frozen model for the duration of one forward and put them back.
 
 @contextmanager
@@ -180,7 +185,8 @@ def only_layers(decoder, start, stop):
 
 
 class AtPositions(nn.Module):
-    """Runs a module that works position by position only at `keep` (bool, batch x length); zeros elsewhere."""
+    """Runs a module that works position by position only at `keep` (bool, batch x length);
+    zeros elsewhere."""
 
     def __init__(self, inner, keep):
         super().__init__()

@@ -57,11 +57,13 @@ REPLAY_QUESTIONS = [
     "What is the capital of Austria?",
     "What is the largest planet in the solar system?", "What is the chemical symbol for gold?",
     "How many days are in a week?", "What is 7 times 8?", "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?", "What is the freezing point of water?",
-    "How many continents are there?", "What gas do plants absorb from the air?", "What is the opposite of hot?",
+    "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?",
+    "What is the freezing point of water?", "How many continents are there?",
+    "What gas do plants absorb from the air?", "What is the opposite of hot?",
     "What color is the sky on a clear day?", "Who painted the Mona Lisa?", "What is the square root of 81?",
-    "Which ocean is the largest?", "What is the main ingredient of bread?", "How many legs does a spider have?",
-    "What is the opposite of big?", "What do bees make?", "Name a primary color.",
+    "Which ocean is the largest?", "What is the main ingredient of bread?",
+    "How many legs does a spider have?", "What is the opposite of big?", "What do bees make?",
+    "Name a primary color.",
     "What is H2O?", "Write a short greeting for a friend.", "Who are you?",
     "中国的首都是哪里？", "一年有多少个月？", "太阳从哪个方向升起？", "水的化学式是什么？",
     "1加1等于几？", "请介绍一下你自己。", "世界上最高的山是什么？", "苹果是什么颜色的？",
@@ -133,7 +135,8 @@ def run_data_file(path):
     try:
         spec.loader.exec_module(module)
     except FileNotFoundError:
-        raise UserError(f"{path} not found: write your question/answer pairs there as qa_data = [...]") from None
+        raise UserError(f"{path} not found: write your question/answer pairs there as "
+                        f"qa_data = [...]") from None
     except SyntaxError as e:
         raise UserError(f"{path}, line {e.lineno}: syntax error: {e.msg}") from None
     except Exception as e:
@@ -153,7 +156,8 @@ def check_item(path, i, item):
             raise UserError(f"{path}: qa_data[{i}] has no {key!r}")
     for key in ("instruction", "input", "output"):
         if key in item and not isinstance(item[key], str):
-            raise UserError(f"{path}: qa_data[{i}][{key!r}] must be a string, not a {type(item[key]).__name__}")
+            raise UserError(f"{path}: qa_data[{i}][{key!r}] must be a string, "
+                            f"not a {type(item[key]).__name__}")
     for key in ("instruction", "output"):
         if not item[key].strip():
             raise UserError(f"{path}: qa_data[{i}][{key!r}] is empty")
@@ -197,8 +201,8 @@ def load_model_with_lora(config):
     except ValueError as e:  # layers beyond the model's depth, module names it does not have
         raise UserError(f"config.json: {e}") from None
     print(f"[lora] trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.3f}%)")
-    depth = len(model.get_decoder().layers)
-    return LM.of(model, tokenizer, first_lora_layer=min(resolve_layers(config["target_layers"], depth)), path=path)
+    first_lora_layer = min(resolve_layers(config["target_layers"], len(model.get_decoder().layers)))
+    return LM.of(model, tokenizer, first_lora_layer=first_lora_layer, path=path)
 
 
 # ----------------------------------------------------------------------------- phase 3: examples
@@ -219,8 +223,8 @@ def encode_and_split(lm, qa_data, config):
     examples = [e for e in examples if e["index"] not in too_long]
     train_at, val_at = split_by_fact([e["fact"] for e in examples], config["val_ratio"], config["seed"])
     train_set, val_set = [examples[i] for i in train_at], [examples[i] for i in val_at]
-    print(f"[data] {len({e['fact'] for e in examples})} facts in {len(examples)} pairs: {len(train_set)} train / "
-          f"{len(val_set)} val (seed {config['seed']})")
+    print(f"[data] {len({e['fact'] for e in examples})} facts in {len(examples)} pairs: "
+          f"{len(train_set)} train / {len(val_set)} val (seed {config['seed']})")
     if config["val_ratio"] > 0 and not val_set:
         print("[data] no phrasing can be held out (each fact is written once, and every fact is trained): "
               "validation measures drift from the base model on ORDINARY_QUESTIONS")
@@ -250,7 +254,7 @@ def split_by_fact(facts, val_ratio, seed):
     return [i for i in range(len(facts)) if i not in val], val
 
 
-# ----------------------------------------------------------------------------- phase 4: the base model's answers
+# ----------------------------------------------------------------------------- phase 4: base model's answers
 
 def base_answer_examples(lm, config):
     """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
@@ -332,7 +336,8 @@ def cache_prefix(lm, examples, batch_size=16):
         chunk = by_length[start:start + batch_size]
         batch = collate(chunk, lm.pad_id, lm.model.device)
         with only_layers(decoder, 0, lm.first_lora_layer):
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = decoder(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
         for row, e in enumerate(chunk):
             e["prefix"] = hidden[row, :len(e["input_ids"])].clone()
 
@@ -348,7 +353,9 @@ def check_prefix_exact(lm, examples):
     mask = batch["attention_mask"].bool()
     error = ((cached - full)[mask].abs().max() / full[mask].abs().max().clamp_min(1e-6)).item()
     tolerance = 1e-4 if full.dtype == torch.float32 else 2e-2
-    return None if error < tolerance else f"the cached forward differs from the full one (relative {error:.1e})"
+    if error < tolerance:
+        return None
+    return f"the cached forward differs from the full one (relative {error:.1e})"
 
 
 # ----------------------------------------------------------------------------- phase 6: soft targets
@@ -409,8 +416,8 @@ class Run:
                 "facts": len({e["fact"] for e in self.data.train + self.data.val}),
                 "facts_trained": len({e["fact"] for e in self.data.train}),
                 "train_indices": [e["index"] for e in self.data.train],
-                "val_indices": [e["index"] for e in self.data.val], **self.history, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds, "config": self.config}
+                "val_indices": [e["index"] for e in self.data.val], **self.history,
+                "best_epoch": self.best_epoch, "train_seconds": self.train_seconds, "config": self.config}
 
 
 def fit(lm, data, config, started, resume):
@@ -453,8 +460,8 @@ def fit(lm, data, config, started, resume):
     run.train_seconds = run.seconds_so_far()
     if stop.reason or not run.history["train_loss"]:
         write_outputs(config["output_dir"], run.history, run.best_epoch, run.summary(lm))
-        kept = (f"the best adapter (epoch {run.best_epoch}) is in {best_adapter_dir(config)}" if run.best_epoch
-                else "no epoch finished")
+        kept = (f"the best adapter (epoch {run.best_epoch}) is in {best_adapter_dir(config)}"
+                if run.best_epoch else "no epoch finished")
         raise UserError(f"training stopped: {stop.reason or 'no epoch to train'}; {kept}")
     shutil.rmtree(state_dir(config))  # the run is complete: nothing left to resume
     return run
@@ -489,8 +496,9 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     save_state(run, lm)
     val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
-    print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  recall {scores['train_recall']:.0%}  "
-          f"drift {drift_text}  {run.history['seconds'][-1]:.1f}s{'  *best' if run.best_epoch == epoch else ''}")
+    print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
+          f"recall {scores['train_recall']:.0%}  drift {drift_text}  {run.history['seconds'][-1]:.1f}s"
+          f"{'  *best' if run.best_epoch == epoch else ''}")
     # every epoch past full recall moves the model further from what it knew: stop early
     if run.config["early_stop"] and run.history["train_recall"][-2:] == [1.0, 1.0]:
         print("[train] every trained answer recalled for 2 epochs: stopping early")
@@ -511,7 +519,8 @@ def report(lm, qa_data, run, before, config):
         samples = ask(lm, messages, config["max_new_tokens"])
     forgetting = [{"question": q, "before": b, "after": a, "changed": a != b}
                   for q, b, a in zip(ORDINARY_QUESTIONS, before, after)]
-    print(f"\n[forgetting] {sum(f['changed'] for f in forgetting)} of {len(forgetting)} ordinary answers changed")
+    changed = sum(f["changed"] for f in forgetting)
+    print(f"\n[forgetting] {changed} of {len(forgetting)} ordinary answers changed")
     for f in forgetting:
         if f["changed"]:
             print(f"  {f['question']}\n    before: {f['before'][:70]}\n    after:  {f['after'][:70]}")
@@ -529,8 +538,9 @@ def recall_report(lm, qa_data, run, max_new_tokens):
     splits = [(e["index"], "train") for e in run.data.train] + [(e["index"], "val") for e in run.data.val]
     longest = max(len(lm.tokenizer(qa_data[i]["output"]).input_ids) for i, _ in splits)
     answers = ask(lm, [question_of(qa_data[i]) for i, _ in splits], max(max_new_tokens, longest + 8))
-    rows = [{"index": i, "split": split, "question": question_of(qa_data[i]), "expected": qa_data[i]["output"],
-             "answer": a, "correct": qa_data[i]["output"].strip() in a} for (i, split), a in zip(splits, answers)]
+    rows = [{"index": i, "split": split, "question": question_of(qa_data[i]),
+             "expected": qa_data[i]["output"], "answer": a, "correct": qa_data[i]["output"].strip() in a}
+            for (i, split), a in zip(splits, answers)]
     rate = {split: sum(r["correct"] for r in rows if r["split"] == split)
             / max(1, sum(r["split"] == split for r in rows)) for split in ("train", "val")}
     print(f"\n[recall] train {rate['train']:.0%}  val {rate['val']:.0%}")
@@ -558,8 +568,8 @@ def load_config(path="config.json"):
         for key in user:
             if key not in DEFAULTS:
                 close = difflib.get_close_matches(key, DEFAULTS, n=1)
-                raise UserError(f"{path}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                                  f"; valid keys: {', '.join(DEFAULTS)}"))
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(DEFAULTS)}"
+                raise UserError(f"{path}: unknown key {key!r}; {hint}")
         config.update(user)
     check_config(config, path)
     return config
@@ -580,9 +590,11 @@ def check_config(config, path):
          "a model directory, a .gguf file or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
     need("lora_rank", whole(config["lora_rank"]) and config["lora_rank"] > 0, "a whole number > 0, e.g. 8")
     need("lora_alpha", number(config["lora_alpha"]) and config["lora_alpha"] > 0, "a number > 0, e.g. 16")
-    need("lora_dropout", number(config["lora_dropout"]) and 0 <= config["lora_dropout"] < 1, "a number in [0, 1)")
+    need("lora_dropout", number(config["lora_dropout"]) and 0 <= config["lora_dropout"] < 1,
+         "a number in [0, 1)")
     need("target_modules", isinstance(config["target_modules"], list) and config["target_modules"]
-         and all(isinstance(m, str) for m in config["target_modules"]), 'a list of names, e.g. ["q_proj", "v_proj"]')
+         and all(isinstance(m, str) for m in config["target_modules"]),
+         'a list of names, e.g. ["q_proj", "v_proj"]')
     need("target_layers", isinstance(config["target_layers"], list) and config["target_layers"]
          and all(whole(i) for i in config["target_layers"]), "a list of layer numbers, e.g. [20, 21, 22, 23]")
     need("lr", number(config["lr"]) and config["lr"] > 0, "a number > 0, e.g. 0.005")
@@ -591,10 +603,12 @@ def check_config(config, path):
     need("val_ratio", number(config["val_ratio"]) and 0 <= config["val_ratio"] < 1, "a number in [0, 1)")
     need("seed", whole(config["seed"]), "a whole number")
     need("max_length", whole(config["max_length"]) and config["max_length"] > 0, "a whole number > 0")
-    need("output_dir", isinstance(config["output_dir"], str) and config["output_dir"].strip(), "a directory name")
+    need("output_dir", isinstance(config["output_dir"], str) and config["output_dir"].strip(),
+         "a directory name")
     need("replay", isinstance(config["replay"], bool), "true or false")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
-    need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0, "a whole number > 0")
+    need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0,
+         "a whole number > 0")
 
 
 # ----------------------------------------------------------------------------- model files
@@ -713,8 +727,8 @@ def end_of_turn_id(tokenizer):
     """The token the template puts after an assistant message (<|im_end|> for Qwen and SmolLM2).
     Training on it teaches the model to stop; it is not always eos (Qwen base models differ)."""
     marker = "ANSWER_MARKER"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                         tokenize=False)
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
     tail = text.split(marker, 1)[1].strip()
     ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
     return ids[0] if ids else tokenizer.eos_token_id
@@ -774,11 +788,12 @@ def final_hidden(lm, batch, needed=None):
     batch has one, else the plain full forward. With `needed` (bool, batch x length: the positions
     whose output is used) the top layer's MLP runs only there; the other positions come out wrong."""
     decoder = lm.model.get_decoder()
+    mask = batch["attention_mask"]
     with top_mlp_only_at(decoder.layers[-1], needed):
         if "prefix" not in batch:
-            return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
         with only_layers(decoder, lm.first_lora_layer, len(decoder.layers)):
-            return decoder(inputs_embeds=batch["prefix"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return decoder(inputs_embeds=batch["prefix"], attention_mask=mask).last_hidden_state
 
 
 def supervised_logits(lm, batch):
@@ -838,8 +853,9 @@ def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None):
         width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
         ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.model.device)
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer)
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=stops, pad_token_id=lm.pad_id,
+                                streamer=streamer)
         for row in out[:, width:].tolist():
             stop = next((i for i, t in enumerate(row) if t in stops), len(row))
             results.append((tokenizer.decode(row[:stop], skip_special_tokens=True).strip(), stop < len(row)))
@@ -888,7 +904,8 @@ def save_state(run, lm):
         save_adapter(lm.model, tmp, lm.path)
         optimizer_state = run.optimizer.state_dict()
         tensors = {f"optimizer.{i}.{name}": value.detach().cpu().contiguous()
-                   for i, param_state in optimizer_state["state"].items() for name, value in param_state.items()}
+                   for i, param_state in optimizer_state["state"].items()
+                   for name, value in param_state.items()}
         save_file({"torch_rng": torch.get_rng_state(), **tensors}, os.path.join(tmp, "state.safetensors"))
         summary = run.summary(lm)
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
@@ -907,7 +924,8 @@ def load_state(run, lm):
         raise UserError(f"nothing to resume in {directory}: run `python train.py` without --resume")
     with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
-    changed = [k for k in run.config if k not in ("epoch", "early_stop") and state["config"].get(k) != run.config[k]]
+    changed = [k for k in run.config
+               if k not in ("epoch", "early_stop") and state["config"].get(k) != run.config[k]]
     if changed:
         raise UserError(f"config.json changed since the interrupted run ({', '.join(changed)}): undo that, "
                         f"or train from scratch without --resume")
@@ -951,7 +969,8 @@ def write_outputs(out_dir, history, best_epoch, metrics):
         plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:
         plt.axvline(best_epoch, color="gray", linestyle="--", label=f"best (epoch {best_epoch})")
-    plt.xlabel("epoch"), plt.ylabel("loss / KL"), plt.yscale("log"), plt.legend(fontsize=8), plt.tight_layout()
+    plt.xlabel("epoch"), plt.ylabel("loss / KL"), plt.yscale("log")
+    plt.legend(fontsize=8), plt.tight_layout()
     plt.savefig(os.path.join(out_dir, "loss_curve.png"), dpi=120)
     plt.close()
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
@@ -1032,7 +1051,8 @@ def main():
     parser.add_argument("--ask", action="append", default=[], metavar="QUESTION",
                         help="answer with the trained model and exit (no training); may be repeated")
     parser.add_argument("--chat", action="store_true", help="chat with the trained model")
-    parser.add_argument("--export", metavar="DIR", help="write base + best adapter merged as a model directory")
+    parser.add_argument("--export", metavar="DIR",
+                        help="write base + best adapter merged as a model directory")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     args = parser.parse_args()
     try:
