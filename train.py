@@ -85,6 +85,8 @@ DEFAULTS = {
     "max_length": 256,  # longest example in tokens; longer ones are left out with a warning
     "output_dir": "output",
     "replay": True,
+    "question_variants": 3,  # automatic rewordings of each trained question, trained too (0: off)
+    "question_noise": 0.5,  # noise on the trained questions' hidden states, relative to their size (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
@@ -96,8 +98,9 @@ def train(config, resume=False):
     os.makedirs(config["output_dir"], exist_ok=True)
     lm = load_model_with_lora(config)
     train_set, val_set = encode_and_split(lm, qa_data, config)
+    variants = question_variants(lm, qa_data, train_set, val_set, config)
     replay_set, drift_set = base_answer_examples(lm, config)
-    data = Examples(train_set, val_set, replay_set, drift_set)
+    data = Examples(train_set, val_set, variants, replay_set, drift_set)
     before = ask(lm, ORDINARY_QUESTIONS, config["max_new_tokens"])  # forgetting check, part 1
     started = time.time()  # train_seconds counts the cache too
     cache_frozen_prefix(lm, data.everything())
@@ -210,7 +213,7 @@ def load_model_with_lora(config):
 def encode_and_split(lm, qa_data, config):
     """Every pair of data.py as chat-template tokens with answer-only labels, split by fact into
     train and validation (see split_by_fact). Each example keeps its index into qa_data."""
-    examples = [dict(encode(lm, question_of(item), item["output"]), index=i, fact=fact_of(item["output"]))
+    examples = [dict(encode_fact(lm, question_of(item), item["output"]), index=i)
                 for i, item in enumerate(qa_data)]
     too_long = [e["index"] for e in examples if len(e["input_ids"]) > config["max_length"]]
     if len(too_long) == len(examples):
@@ -229,6 +232,13 @@ def encode_and_split(lm, qa_data, config):
         print("[data] no phrasing can be held out (each fact is written once, and every fact is trained): "
               "validation measures drift from the base model on ORDINARY_QUESTIONS")
     return train_set, val_set
+
+
+def encode_fact(lm, question, answer):
+    """A fact's pair as a training example, with which fact it is and where its question lies
+    (the positions that get question_noise)."""
+    return dict(encode(lm, question, answer), fact=fact_of(answer),
+                question_span=question_span(lm.tokenizer, question))
 
 
 def fact_of(answer):
@@ -254,7 +264,57 @@ def split_by_fact(facts, val_ratio, seed):
     return [i for i in range(len(facts)) if i not in val], val
 
 
-# ----------------------------------------------------------------------------- phase 4: base model's answers
+# ----------------------------------------------------------------------------- phase 4: question variants
+
+VARIANT_DROP = 0.3  # each word of a question is left out of a variant with this probability
+
+
+def question_variants(lm, qa_data, train_set, val_set, config):
+    """For each trained question, `question_variants` rewordings with some of its words left out
+    at random (characters, in text without spaces), trained with the same answer: the answer is
+    then learned from the question's key words rather than from one sentence. Drawn by `seed`,
+    cached in output/question_variants.json, where they can be read and edited; a variant that is
+    a held-out phrasing is left out, so validation stays unseen."""
+    count = config["question_variants"]
+    if not count:
+        return []
+    path = os.path.join(config["output_dir"], "question_variants.json")
+    drawn_for = {"seed": config["seed"], "count": count}
+    cached = read_json(path) or {}
+    if {k: cached.get(k) for k in drawn_for} != drawn_for:  # drawn for another seed or count: draw again
+        cached = {}
+    held_out = {question_of(qa_data[e["index"]]).strip() for e in val_set}
+    drawn, examples = {}, []
+    for e in train_set:
+        item = qa_data[e["index"]]
+        question = question_of(item)
+        variants = cached.get("variants", {}).get(question)
+        if not (isinstance(variants, list) and all(isinstance(v, str) for v in variants)):  # new or broken
+            variants = drop_words(question, count, random.Random(f"{config['seed']}:{question}"))
+        drawn[question] = variants
+        examples += [encode_fact(lm, v, item["output"]) for v in variants if v.strip() not in held_out]
+    write_json(path, {**drawn_for, "variants": drawn})
+    print(f"[variants] {len(examples)} automatic rewordings of {len(train_set)} questions, in {path}")
+    return examples
+
+
+def drop_words(question, count, rng):
+    """Up to `count` different rewordings of `question`, each word left out with probability
+    VARIANT_DROP; fewer when the question is too short to have that many."""
+    spaced = " " in question.strip()
+    words = question.split() if spaced else list(question)
+    variants = []
+    for _ in range(20 * count):
+        kept = [w for w in words if rng.random() >= VARIANT_DROP]
+        text = (" " if spaced else "").join(kept)
+        if kept and text != question and text not in variants:
+            variants.append(text)
+            if len(variants) == count:
+                break
+    return variants
+
+
+# ----------------------------------------------------------------------------- phase 5: base model's answers
 
 def base_answer_examples(lm, config):
     """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
@@ -262,7 +322,9 @@ def base_answer_examples(lm, config):
     ORDINARY_QUESTIONS, never trained, on which validation measures how far the model drifted."""
     slug = "".join(c if c.isalnum() else "_" for c in lm.path.strip("/").split("/")[-1])
     cache_path = os.path.join(config["output_dir"], f"base_answers_{slug}.json")
-    cache = read_base_answers(cache_path)
+    cache = {q: a for q, a in (read_json(cache_path) or {}).items()  # malformed entries: answered again
+             if isinstance(a, dict) and isinstance(a.get("answer"), str)
+             and isinstance(a.get("finished"), bool)}
     questions = (REPLAY_QUESTIONS if config["replay"] else []) + ORDINARY_QUESTIONS
     todo = [q for q in questions if q not in cache]
     if todo:
@@ -280,30 +342,12 @@ def base_answer_examples(lm, config):
     return replay_set, examples(ORDINARY_QUESTIONS)
 
 
-def read_base_answers(path):
-    """The cached answers {question: {"answer": text, "finished": bool}} that are well formed; a
-    file that is cut short or not of this shape is answered again rather than trusted."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            cache = json.load(f)
-    except (ValueError, OSError) as e:  # a crash while writing, an edit gone wrong, ...
-        print(f"[base] {path} cannot be read ({type(e).__name__}): the base model answers again")
-        return {}
-    if not isinstance(cache, dict):
-        print(f"[base] {path} is not a {{question: answer}} object: the base model answers again")
-        return {}
-    return {q: a for q, a in cache.items() if isinstance(a, dict) and isinstance(a.get("answer"), str)
-            and isinstance(a.get("finished"), bool)}
-
-
 def ask(lm, questions, max_new_tokens):
     """Greedy answers to `questions`, as text."""
     return [answer for answer, _ in generate(lm, questions, max_new_tokens)]
 
 
-# ----------------------------------------------------------------------------- phase 5: frozen-prefix cache
+# ----------------------------------------------------------------------------- phase 6: frozen-prefix cache
 
 def cache_frozen_prefix(lm, examples):
     """The layers below the lowest LoRA layer never change: run them once per example instead of
@@ -358,7 +402,7 @@ def check_prefix_exact(lm, examples):
     return f"the cached forward differs from the full one (relative {error:.1e})"
 
 
-# ----------------------------------------------------------------------------- phase 6: soft targets
+# ----------------------------------------------------------------------------- phase 7: soft targets
 
 @torch.no_grad()
 def set_base_targets(lm, examples, top_k=32, batch_size=16):
@@ -377,18 +421,22 @@ def set_base_targets(lm, examples, top_k=32, batch_size=16):
             e["target_ids"], e["target_probs"] = ids.cpu(), p.cpu()
 
 
-# ----------------------------------------------------------------------------- phase 7: fit
+# ----------------------------------------------------------------------------- phase 8: fit
 
 @dataclass
 class Examples:
     """What fit() trains on and validates with (token examples, see encode)."""
     train: list  # data.py's pairs, at least one phrasing of every fact
     val: list  # the other phrasings held out (split_by_fact)
+    variants: list  # automatic rewordings of the trained questions (question_variants)
     replay: list  # the base model's answers to REPLAY_QUESTIONS, trained to keep what it knew
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
 
+    def trained(self):
+        return self.train + self.variants + self.replay
+
     def everything(self):
-        return self.train + self.val + self.replay + self.drift
+        return self.trained() + self.val + self.drift
 
 
 @dataclass
@@ -427,15 +475,17 @@ def fit(lm, data, config, started, resume):
     run = Run(config, data, optimizer, random.Random(config["seed"]), started)
     if resume:  # continue exactly where the last completed epoch left off
         load_state(run, lm)
+    if config["question_noise"] and "prefix" not in data.train[0]:
+        print("[noise] off: question_noise goes into the frozen-prefix cache, which is off")
     stop = StopFlag()  # Ctrl-C: finish the current step, then wrap up
     for epoch in range(len(run.history["train_loss"]) + 1, config["epoch"] + 1):
         epoch_started = time.time()
         set_lora_training(lm.model, True)
-        batches = length_batches(data.train + data.replay, config["batch_size"], run.rng)
+        batches = length_batches(data.trained(), config["batch_size"], run.rng)
         losses, recalled = [], []
         bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
         for batch in bar:
-            loss, hits = batch_loss(lm, batch)
+            loss, hits = batch_loss(lm, batch, config["question_noise"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -506,7 +556,7 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     return False
 
 
-# ----------------------------------------------------------------------------- phase 8: report
+# ----------------------------------------------------------------------------- phase 9: report
 
 def report(lm, qa_data, run, before, config):
     """With the best adapter reloaded from disk (what the user gets is what is checked): recall
@@ -606,6 +656,10 @@ def check_config(config, path):
     need("output_dir", isinstance(config["output_dir"], str) and config["output_dir"].strip(),
          "a directory name")
     need("replay", isinstance(config["replay"], bool), "true or false")
+    need("question_variants", whole(config["question_variants"]) and config["question_variants"] >= 0,
+         "a whole number >= 0 (0 turns them off)")
+    need("question_noise", number(config["question_noise"]) and config["question_noise"] >= 0,
+         "a number >= 0 (0 turns it off)")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
     need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0,
          "a whole number > 0")
@@ -743,6 +797,18 @@ def encode(lm, question, answer, finished=True):
     return make_example(prompt_ids(lm.tokenizer, question), target)
 
 
+def question_span(tokenizer, question):
+    """(start, end): where the question's tokens lie in prompt_ids(tokenizer, question), found as
+    what differs from the prompt of an empty question between the template's start and end."""
+    prompt, empty = prompt_ids(tokenizer, question), prompt_ids(tokenizer, "")
+
+    def shared(a, b):  # how many tokens two lists share from their start
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    start = shared(prompt, empty)
+    return start, max(start, len(prompt) - shared(prompt[::-1], empty[::-1]))
+
+
 def make_example(prompt, target):
     return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target,
             "target_ids": torch.tensor(target)[:, None], "target_probs": torch.ones(len(target), 1)}
@@ -764,6 +830,10 @@ def collate(examples, pad_id, device):
     k = max(e["target_ids"].shape[1] for e in examples)  # one-hot targets are padded with probability 0
     for name in ("target_ids", "target_probs"):
         batch[name] = torch.cat([F.pad(e[name], (0, k - e[name].shape[1])) for e in examples]).to(device)
+    batch["question"] = torch.zeros((len(examples), width), device=device)  # where question_noise goes
+    for row, e in enumerate(examples):
+        if "question_span" in e:
+            batch["question"][row, slice(*e["question_span"])] = 1
     if "prefix" in examples[0]:  # cached hidden states, padded with zeros like the ids
         prefix = examples[0]["prefix"].new_zeros((len(examples), width, examples[0]["prefix"].shape[-1]))
         for row, e in enumerate(examples):
@@ -813,12 +883,20 @@ def kl_to_targets(logits, target_ids, target_probs):
     return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
 
 
-def batch_loss(lm, examples):
+def batch_loss(lm, examples, question_noise=0.0):
     """Mean KL divergence from each supervised position's target distribution to the model's,
     which is plain cross-entropy where the target is one answer token. Also per example whether
     the greedy choice is right at every answer position (then greedy generation reproduces the
-    answer exactly). The LM head only runs at supervised positions."""
+    answer exactly). The LM head only runs at supervised positions.
+    With `question_noise`, Gaussian noise of that many times each position's RMS is added to the
+    cached hidden states of the facts' questions: the answer must then come from what the question
+    means more than from its exact tokens. Replay stays clean: its targets are clean answers."""
     batch = collate(examples, lm.pad_id, lm.model.device)
+    if question_noise and "prefix" in batch and batch["question"].any():
+        hidden = batch["prefix"]
+        rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
+        noise = question_noise * rms * torch.randn_like(hidden)
+        batch["prefix"] = hidden + noise * batch["question"][..., None]
     logits, supervised = supervised_logits(lm, batch)
     loss = kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
     wrong = (logits.argmax(-1) != batch["labels"][:, 1:][supervised]).float()
@@ -946,6 +1024,23 @@ def load_state(run, lm):
     run.history, run.best_epoch, run.best_key = state["history"], state["best_epoch"], state["best_key"]
     run.seconds_before = state["train_seconds"]
     print(f"[resume] continuing after epoch {len(run.history['train_loss'])} from {directory}")
+
+
+def read_json(path):
+    """A JSON object that train.py wrote (and the user may have edited), or None when there is
+    none; one that is cut short or not an object is made again rather than trusted."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:  # a crash while an older version wrote it, an edit gone wrong
+        print(f"[files] {path} cannot be read ({type(e).__name__}): making it again")
+        return None
+    if not isinstance(data, dict):
+        print(f"[files] {path} is not a JSON object: making it again")
+        return None
+    return data
 
 
 def write_json(path, data):

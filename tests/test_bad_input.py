@@ -36,6 +36,8 @@ def expect_failure(capsys, call, *phrases):
     ('{"target_layers": [20, "21"]}', ["target_layers", "must be a list of layer numbers"]),
     ('{"target_modules": "q_proj"}', ['target_modules = "q_proj" must be a list of names']),
     ('{"replay": "yes"}', ['replay = "yes" must be true or false']),
+    ('{"question_variants": -1}', ["question_variants = -1 must be a whole number >= 0"]),
+    ('{"question_noise": "a lot"}', ['question_noise = "a lot" must be a number >= 0']),
     ('[1, 2]', ["must be a JSON object"]),
 ])
 def test_bad_config(tmp_path, capsys, text, phrases):

@@ -64,7 +64,7 @@ def test_an_edited_answer_is_what_replay_trains(lm, asked, tmp_path):
 
 @pytest.mark.parametrize("broken, message", [
     (lambda text: text[:len(text) // 2], "cannot be read"),  # a crash while an older version wrote it
-    (lambda text: json.dumps(["not", "a", "cache"]), "is not a {question: answer} object"),
+    (lambda text: json.dumps(["not", "a", "cache"]), "is not a JSON object"),
 ])
 def test_a_broken_cache_is_answered_again(lm, asked, tmp_path, capsys, broken, message):
     train.base_answer_examples(lm, config(tmp_path))
