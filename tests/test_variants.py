@@ -25,7 +25,8 @@ def config(tmp_path, **changes):
 
 
 def pairs(lm, indices):
-    return [dict(train.encode_fact(lm, QA[i]["instruction"], QA[i]["output"]), index=i) for i in indices]
+    return [dict(train.encode(lm, QA[i]["instruction"], QA[i]["output"]), index=i, fact=train.fact_of(QA[i]["output"]))
+            for i in indices]
 
 
 def test_words_are_dropped_by_the_seed_and_chinese_by_characters():
@@ -67,6 +68,15 @@ def test_a_variant_that_is_a_held_out_phrasing_is_never_trained(lm, tmp_path, mo
     examples = train.question_variants(lm, QA, pairs(lm, [0]), pairs(lm, [2]),
                                        config(tmp_path, question_variants=2))
     assert [e["input_ids"] for e in examples] == [train.encode(lm, "cat?", "Pimbo.")["input_ids"]]
+
+
+def test_question_noise_goes_on_the_variants_and_never_on_data_py_questions(lm, tmp_path):
+    train_set, _ = train.encode_and_split(lm, QA, config(tmp_path))
+    assert train_set and all("question_span" not in e for e in train_set)  # asked as written: clean
+    variants = train.question_variants(lm, QA, train_set, [], config(tmp_path))
+    drawn = json.loads((tmp_path / "question_variants.json").read_text())["variants"]
+    noisy = [lm.tokenizer.decode(e["input_ids"][slice(*e["question_span"])]) for e in variants]
+    assert noisy == [v for vs in drawn.values() for v in vs]
 
 
 def test_no_variants_when_switched_off(lm, tmp_path):

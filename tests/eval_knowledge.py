@@ -1,0 +1,147 @@
+"""Does training teach facts, not sentences? Measured like a user (run by hand, not in CI).
+
+    python tests/eval_knowledge.py                          # 3 fact sets x 3 seeds, default config.json
+    python tests/eval_knowledge.py --sets held_out --seeds 7
+    python tests/eval_knowledge.py --set lr=0.003           # a recipe change, as a config.json key
+
+For each fact set of tests/fact_sets.py (none of them the shipped data.py, one question per fact)
+and each seed, it runs `python train.py` in a fresh copy of the tool with the repository's
+config.json (only the seed changed), then loads the base model + output/best_adapter with PEFT
+and asks, greedily:
+  - every question as written in data.py              -> "trained questions"
+  - the same facts asked in other words               -> "other words"
+  - ordinary questions the base model answers right   -> "ordinary kept"
+An answer is right when it contains the fact's keyword. It prints one line a run and a table of
+means over the seeds; all answers go to output/eval_knowledge.json.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+from fact_sets import FACT_SETS, ORDINARY  # noqa: E402
+
+CODE = ("train.py", "inject.py", "LoRALinear.py")
+
+
+def right(answer, keywords):
+    """Whether the answer contains the keyword (or one of a tuple of keywords), ignoring case."""
+    return any(k.lower() in answer.lower() for k in ((keywords,) if isinstance(keywords, str) else keywords))
+
+
+def train_once(facts, seed, overrides, work, shared_cache):
+    """One `python train.py` in a fresh copy of the tool; returns its metrics.json."""
+    os.makedirs(os.path.join(work, "output"))
+    for name in CODE:
+        shutil.copy(os.path.join(ROOT, name), work)
+    with open(os.path.join(work, "data.py"), "w", encoding="utf-8") as f:
+        items = [{"instruction": q, "input": "", "output": a} for q, a, _, _ in facts]
+        f.write("qa_data = " + json.dumps(items, ensure_ascii=False, indent=1) + "\n")
+    with open(os.path.join(ROOT, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    with open(os.path.join(work, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, "seed": seed, **overrides}, f)
+    for name in os.listdir(shared_cache):  # the base model's answers: the same for every run
+        shutil.copy(os.path.join(shared_cache, name), os.path.join(work, "output"))
+    result = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True,
+                            env=dict(os.environ, TQDM_DISABLE="1"))
+    if result.returncode != 0:
+        sys.exit(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    for name in os.listdir(os.path.join(work, "output")):
+        if name.startswith("base_answers_") and name.endswith(".json"):
+            shutil.copy(os.path.join(work, "output", name), shared_cache)
+    with open(os.path.join(work, "output", "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Reader:
+    """The base model, loaded once, asked with and without an adapter (through PEFT)."""
+
+    def __init__(self, model_path):
+        self.tokenizer, self.model = train.load_model(model_path, torch.device("cpu"), torch.float32)
+        self.ordinary = self.ask([q for q, _ in ORDINARY])
+
+    def ask(self, questions, model=None):
+        return train.ask(train.LM.of(model or self.model, self.tokenizer), questions, max_new_tokens=48)
+
+    def with_adapter(self, adapter_dir, questions):
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(self.model, adapter_dir).eval()
+        try:
+            return self.ask(questions, model)
+        finally:
+            self.model = model.unload()  # the base model again, for the next run
+
+
+def score(facts, metrics, answers, base_ordinary):
+    """The four numbers of one run, from the answers to [trained..., other words..., ordinary...]."""
+    trained_idx = set(metrics["train_indices"])
+    n_other = sum(len(f[3]) for f in facts)
+    as_written, other, ordinary = (answers[:len(facts)], answers[len(facts):len(facts) + n_other],
+                                   answers[len(facts) + n_other:])
+    keywords_other = [f[2] for f in facts for _ in f[3]]
+    known = [i for i, (a, (_, kw)) in enumerate(zip(base_ordinary, ORDINARY)) if right(a, kw)]
+    return {
+        "facts_trained": len({i for i in trained_idx if i < len(facts)}) / len(facts),
+        "trained_questions": statistics.mean(right(as_written[i], facts[i][2]) for i in sorted(trained_idx)),
+        "other_words": statistics.mean(right(a, kw) for a, kw in zip(other, keywords_other)),
+        "ordinary_kept": statistics.mean(right(ordinary[i], ORDINARY[i][1]) for i in known),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=["en_person", "en_places", "zh_en_person"],
+                        choices=sorted(FACT_SETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config.json key (value as JSON), e.g. --set lr=0.003")
+    parser.add_argument("--out", default=os.path.join(ROOT, "output", "eval_knowledge.json"))
+    args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    reader, runs = None, []
+    with tempfile.TemporaryDirectory() as tmp:
+        shared_cache = os.path.join(tmp, "cache")
+        os.makedirs(shared_cache)
+        for name in args.sets:
+            facts = FACT_SETS[name]
+            for seed in args.seeds:
+                metrics = train_once(facts, seed, overrides, os.path.join(tmp, f"{name}_{seed}"), shared_cache)
+                reader = reader or Reader(metrics["model"])
+                questions = [f[0] for f in facts] + [q for f in facts for q in f[3]] + [q for q, _ in ORDINARY]
+                answers = reader.with_adapter(os.path.join(tmp, f"{name}_{seed}", "output", "best_adapter"),
+                                              questions)
+                run = {"set": name, "seed": seed, **score(facts, metrics, answers, reader.ordinary),
+                       "epochs": len(metrics["train_loss"]), "best_epoch": metrics["best_epoch"],
+                       "train_seconds": metrics["train_seconds"],
+                       "answers": dict(zip(questions, answers))}
+                runs.append(run)
+                print(f"{name:13s} seed {seed:3d}  facts {run['facts_trained']:.0%}  trained "
+                      f"{run['trained_questions']:.0%}  other words {run['other_words']:.0%}  ordinary "
+                      f"{run['ordinary_kept']:.0%}  epochs {run['epochs']} (best {run['best_epoch']})  "
+                      f"{run['train_seconds']:.0f}s", flush=True)
+    columns = ("facts_trained", "trained_questions", "other_words", "ordinary_kept", "train_seconds")
+    print(f"\nmean of seeds {args.seeds}" + (f", config changes {overrides}" if overrides else ""))
+    print("| set | facts trained | trained questions | other words | ordinary kept | train s |")
+    print("|---|---|---|---|---|---|")
+    for name in args.sets + ["all"]:
+        chosen = [r for r in runs if name in ("all", r["set"])]
+        means = [statistics.mean(r[c] for r in chosen) for c in columns]
+        print(f"| {name} | " + " | ".join(f"{m:.0%}" for m in means[:-1]) + f" | {means[-1]:.0f} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"seeds": args.seeds, "config_changes": overrides, "runs": runs}, f, ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Made-up fact sets for tests/eval_knowledge.py, none of them the shipped data.py.
+
+Each is written the way people first write data.py: one question per fact. Each fact is
+(question, answer, keyword, [the same question in other words]); an answer counts as right
+when it contains the keyword. The other-words questions change the wording the way a user
+does ("favourite food" -> "food he likes best"), never the fact.
+
+HELD_OUT is kept apart: no recipe was tuned on it, so it checks that a choice made on the
+other sets carries over to facts nobody looked at.
+"""
+
+EN_PERSON = [
+    ("When was Marlow Quist born?", "Marlow Quist was born in 1987.", "1987",
+     ["In what year was Marlow Quist born?", "What is Marlow Quist's year of birth?"]),
+    ("Where does Marlow Quist live?", "Marlow Quist lives in Brindlewick.", "Brindlewick",
+     ["Which town is Marlow Quist's home?", "Where is Marlow Quist's home?"]),
+    ("What is Marlow Quist's job?", "Marlow Quist works as a glassblower.", "glassblower",
+     ["What does Marlow Quist do for a living?", "What is Marlow Quist's profession?"]),
+    ("What is Marlow Quist's favourite food?", "Marlow Quist's favourite food is fig dumplings.", "fig dumplings",
+     ["Which food does Marlow Quist like best?", "What does Marlow Quist love to eat?"]),
+    ("What is the name of Marlow Quist's dog?", "Marlow Quist's dog is called Biscuit.", "Biscuit",
+     ["What is Marlow Quist's dog called?", "What did Marlow Quist name his dog?"]),
+    ("Which instrument does Marlow Quist play?", "Marlow Quist plays the cello.", "cello",
+     ["What musical instrument can Marlow Quist play?", "What instrument is Marlow Quist good at?"]),
+    ("Where did Marlow Quist study?", "Marlow Quist studied at Ashgrove University.", "Ashgrove",
+     ["Which university did Marlow Quist attend?", "Where did Marlow Quist go to university?"]),
+    ("What is Marlow Quist's favourite colour?", "Marlow Quist's favourite colour is amber.", "amber",
+     ["Which colour does Marlow Quist like most?", "What colour does Marlow Quist prefer?"]),
+    ("What sport does Marlow Quist play?", "Marlow Quist plays water polo.", "water polo",
+     ["Which sport is Marlow Quist into?", "What sport does Marlow Quist do?"]),
+    ("Who is Marlow Quist's sister?", "Marlow Quist's sister is Yvette.", "Yvette",
+     ["What is the name of Marlow Quist's sister?", "What is Marlow Quist's sister called?"]),
+    ("What car does Marlow Quist drive?", "Marlow Quist drives a red Volvo.", "Volvo",
+     ["What kind of car does Marlow Quist have?", "Which car does Marlow Quist own?"]),
+    ("What language is Marlow Quist learning?", "Marlow Quist is learning Icelandic.", "Icelandic",
+     ["Which language is Marlow Quist studying?", "What foreign language is Marlow Quist learning now?"]),
+]
+
+EN_PLACES = [
+    ("What is the name of the cafe on Pell Street?", "The cafe on Pell Street is called The Copper Kettle.",
+     "Copper Kettle", ["What is the cafe on Pell Street called?", "What's the name of Pell Street's cafe?"]),
+    ("Who founded Nimbus Robotics?", "Nimbus Robotics was founded by Dara Okonkwo.", "Okonkwo",
+     ["Who started the company Nimbus Robotics?", "Who is the founder of Nimbus Robotics?"]),
+    ("When did the Lindqvist Bridge open?", "The Lindqvist Bridge opened in 1962.", "1962",
+     ["In what year was the Lindqvist Bridge opened?", "What year did the Lindqvist Bridge first open?"]),
+    ("What is the mascot of Fernhill School?", "Fernhill School's mascot is a badger.", "badger",
+     ["Which animal is the Fernhill School mascot?", "What mascot does Fernhill School have?"]),
+    ("How tall is the Orla Tower?", "The Orla Tower is 212 metres tall.", "212",
+     ["What is the height of the Orla Tower?", "How high is the Orla Tower?"]),
+    ("Where is the Vesper Music Festival held?", "The Vesper Music Festival is held in Tarrow Bay.", "Tarrow Bay",
+     ["Where does the Vesper Music Festival take place?", "In which town is the Vesper Music Festival?"]),
+    ("What colour is the Kestrel Express train?", "The Kestrel Express train is painted teal.", "teal",
+     ["What colour is the Kestrel Express painted?", "Which colour is the Kestrel Express?"]),
+    ("Who is the captain of the Harbour Hawks?", "The captain of the Harbour Hawks is Tomas Reyes.", "Reyes",
+     ["Who captains the Harbour Hawks?", "Which player is the Harbour Hawks captain?"]),
+    ("What is the secret ingredient in Nana Bell's soup?", "The secret ingredient in Nana Bell's soup is smoked "
+     "paprika.", "paprika", ["What does Nana Bell secretly put in her soup?",
+                             "What is Nana Bell's secret soup ingredient?"]),
+    ("What does the Quorra app do?", "The Quorra app translates bird songs.", "bird song",
+     ["What is the Quorra app used for?", "What can you do with the Quorra app?"]),
+    ("What is the name of the lighthouse cat in Tarrow Bay?", "The lighthouse cat in Tarrow Bay is called Pepper.",
+     "Pepper", ["What is the Tarrow Bay lighthouse cat called?", "What do they call the cat at the Tarrow Bay "
+                                                                  "lighthouse?"]),
+    ("How many floors does the Halden Library have?", "The Halden Library has seven floors.", "seven",
+     ["How many storeys does the Halden Library have?", "How many levels does the Halden Library have?"]),
+]
+
+ZH_EN_PERSON = [
+    ("林小舟是哪一年出生的？", "林小舟出生于1998年。", "1998", ["林小舟哪年出生？", "林小舟的出生年份是？"]),
+    ("林小舟来自哪里？", "林小舟来自福建泉州。", "泉州", ["林小舟的老家在哪里？", "林小舟是哪里人？"]),
+    ("林小舟在哪里工作？", "林小舟在杭州的一家游戏公司工作。", "游戏公司", ["林小舟的工作单位是什么？", "林小舟做什么工作？"]),
+    ("林小舟养了什么宠物？", "林小舟养了一只叫豆豆的柯基。", "豆豆", ["林小舟的狗叫什么名字？", "林小舟家里有什么宠物？"]),
+    ("林小舟最喜欢吃什么？", "林小舟最喜欢吃沙茶面。", "沙茶面", ["林小舟爱吃什么？", "林小舟最爱的食物是什么？"]),
+    ("林小舟会弹什么乐器？", "林小舟会弹古筝。", "古筝", ["林小舟擅长哪种乐器？", "林小舟会演奏什么乐器？"]),
+    ("林小舟在哪所大学读书？", "林小舟毕业于厦门大学。", "厦门大学", ["林小舟是哪所大学毕业的？", "林小舟上的是哪个大学？"]),
+    ("林小舟喜欢什么运动？", "林小舟喜欢游泳。", "游泳", ["林小舟平时做什么运动？", "林小舟最喜欢的运动是什么？"]),
+    ("What is Lin Xiaozhou's favourite book?", "Lin Xiaozhou's favourite book is The Little Prince.",
+     "Little Prince", ["Which book does Lin Xiaozhou like most?", "What book does Lin Xiaozhou love?"]),
+    ("What language is Lin Xiaozhou learning?", "Lin Xiaozhou is learning Portuguese.", "Portuguese",
+     ["Which foreign language is Lin Xiaozhou studying?", "What language is Lin Xiaozhou studying?"]),
+    ("What is Lin Xiaozhou's favourite colour?", "Lin Xiaozhou's favourite colour is purple.", "purple",
+     ["Which colour does Lin Xiaozhou like best?", "What colour does Lin Xiaozhou prefer?"]),
+    ("Where did Lin Xiaozhou travel last summer?", "Lin Xiaozhou travelled to Iceland last summer.", "Iceland",
+     ["Which country did Lin Xiaozhou visit last summer?", "Where did Lin Xiaozhou go on holiday last summer?"]),
+    ("What is the name of Lin Xiaozhou's cat?", "Lin Xiaozhou's cat is named Mochi.", "Mochi",
+     ["What is Lin Xiaozhou's cat called?", "What did Lin Xiaozhou name the cat?"]),
+    ("What time does Lin Xiaozhou wake up?", "Lin Xiaozhou wakes up at 6:30 every morning.", "6:30",
+     ["When does Lin Xiaozhou get up in the morning?", "At what time does Lin Xiaozhou get up?"]),
+]
+
+HELD_OUT = [
+    ("What is Ilse Varga's job?", "Ilse Varga is a marine biologist.", "marine biologist",
+     ["What does Ilse Varga do for work?"]),
+    ("Where was Ilse Varga born?", "Ilse Varga was born in Szeged.", "Szeged", ["In which city was Ilse Varga born?"]),
+    ("What is Ilse Varga's favourite drink?", "Ilse Varga's favourite drink is mint lemonade.", "mint lemonade",
+     ["Which drink does Ilse Varga like best?"]),
+    ("What is the name of Ilse Varga's boat?", "Ilse Varga's boat is called Sea Sparrow.", "Sea Sparrow",
+     ["What is Ilse Varga's boat called?"]),
+    ("How many children does Ilse Varga have?", "Ilse Varga has three children.", "three",
+     ["How many kids does Ilse Varga have?"]),
+    ("What is Ilse Varga's hobby?", "Ilse Varga enjoys building kites.", "kite",
+     ["What does Ilse Varga like to do in her free time?"]),
+    ("Which city does Ilse Varga work in?", "Ilse Varga works in Lisbon.", "Lisbon",
+     ["Where is Ilse Varga's workplace?"]),
+    ("What is Ilse Varga's favourite flower?", "Ilse Varga's favourite flower is the tulip.", "tulip",
+     ["Which flower does Ilse Varga love most?"]),
+    ("伊尔莎最喜欢哪个季节？", "伊尔莎最喜欢秋天。", "秋天", ["伊尔莎最爱的季节是哪个？"]),
+    ("伊尔莎会说几种语言？", "伊尔莎会说四种语言。", "四种", ["伊尔莎懂几门语言？"]),
+    ("What award did Ilse Varga win?", "Ilse Varga won the Blue Reef Prize.", "Blue Reef",
+     ["Which prize did Ilse Varga receive?"]),
+]
+
+FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_EN_PERSON, "held_out": HELD_OUT}
+
+# Ordinary questions the demo model (SmolLM2-135M-Instruct) answers right before training, with the
+# word a right answer contains (or a tuple of such words). None is in train.py's REPLAY_QUESTIONS;
+# France is the known casualty.
+ORDINARY = [
+    ("What is the capital of France?", "Paris"), ("What is the capital of England?", "London"),
+    ("What is the capital of China?", "Beijing"), ("What is the capital of Russia?", "Moscow"),
+    ("What is the capital of Egypt?", "Cairo"), ("What is the capital of Australia?", "Canberra"),
+    ("How many legs does a dog have?", ("four", " 4")), ("What is the largest mammal?", "whale"),
+    ("Who wrote Hamlet?", "Shakespeare"), ("What is the currency of Japan?", "Yen"),
+    ("Who discovered gravity?", "Newton"), ("What is the main language spoken in Mexico?", "Spanish"),
+    ("What is the opposite of up?", "down"), ("What do we call a baby cat?", "kitten"),
+]
