@@ -126,3 +126,12 @@ def test_a_diverged_epoch_is_never_saved_and_the_last_finite_adapter_is_kept(mon
     assert all(torch.isfinite(t).all() for t in saved.values())
     peft_model = PeftModel.from_pretrained(tiny_model("qwen2", layers=4), str(tmp_path / "best_adapter")).eval()
     assert torch.isfinite(peft_model(torch.randint(0, 96, (1, 8))).logits).all()
+
+
+def test_weights_blown_up_by_a_step_count_as_diverged_even_when_every_score_is_finite():
+    lm = tiny_lm()
+    scores = {"train_loss": 0.5, "train_recall": 1.0, "val_loss": None, "drift": 0.1}
+    assert train.not_finite(scores, lm.model) == ""
+    assert train.not_finite({**scores, "drift": math.nan}, lm.model) == "drift"
+    next(p for p in lm.model.parameters() if p.requires_grad).data[0, 0] = math.inf
+    assert train.not_finite(scores, lm.model) == "the LoRA weights"

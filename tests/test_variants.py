@@ -58,6 +58,10 @@ def test_variants_are_trained_with_the_answer_cached_and_drawn_again_only_for_an
     assert again[0]["input_ids"] == train.encode(lm, "Zorblat cat name?", "Pimbo.")["input_ids"]
     other_seed = train.question_variants(lm, QA, pairs(lm, [0, 1]), [], config(tmp_path, seed=7))
     assert [e["input_ids"] for e in other_seed] != [e["input_ids"] for e in again]
+    elsewhere = tmp_path / "fresh"  # no cache: the same seed draws the same variants
+    elsewhere.mkdir()
+    assert [e["input_ids"] for e in train.question_variants(lm, QA, pairs(lm, [0, 1]), [], config(elsewhere))] \
+        == [e["input_ids"] for e in examples]
     more = train.question_variants(lm, QA, pairs(lm, [0, 1]), [], config(tmp_path, seed=7,
                                                                           question_variants=4))
     assert len(more) == 8
