@@ -134,3 +134,35 @@ def test_weights_blown_up_by_a_step_count_as_diverged_even_when_every_score_is_f
     assert train.not_finite({**scores, "drift": math.nan}, lm.model) == "drift"
     next(p for p in lm.model.parameters() if p.requires_grad).data[0, 0] = math.inf
     assert train.not_finite(scores, lm.model) == "the LoRA weights"
+
+
+def test_the_best_epoch_is_chosen_by_recall_then_held_out_recall_then_least_drift(tmp_path):
+    lm = tiny_lm()
+    data = examples(lm, known=False)
+    optimizer = torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad])
+    config = dict(train.DEFAULTS, output_dir=str(tmp_path), early_stop=False)
+    run = train.Run(config, data, optimizer, train.random.Random(0), time.time())
+    epochs = [(0.5, None, 0.1),  # (train recall, held-out recall, drift): least drift, but not every answer
+              (1.0, 0.5, 0.3),
+              (1.0, 0.5, 0.2),  # best: every answer, as many held-out phrasings as any, least drift of those
+              (1.0, 0.5, 0.25),
+              (0.75, 1.0, 0.0)]  # more held-out phrasings do not make up for a trained answer lost
+    for epoch, (recall, val_recall, drift) in enumerate(epochs, 1):
+        scores = {"train_loss": 1.0, "train_recall": recall, "val_loss": 1.0, "val_recall": val_recall, "drift": drift}
+        train.end_epoch(run, lm, epoch, time.time(), scores)
+    assert run.best_epoch == 3
+    train.end_epoch(run, lm, 6, time.time(), {"train_loss": 1.0, "train_recall": 1.0, "val_loss": 1.0,
+                                               "val_recall": 1.0, "drift": 0.9})  # more held out beats drift
+    assert run.best_epoch == 6
+
+
+def test_validation_runs_with_dropout_off():
+    from LoRALinear import LoRALinear
+    lm = tiny_lm(dropout=0.5)
+    data = examples(lm, known=False)
+    for layer in (m for m in lm.model.modules() if isinstance(m, LoRALinear)):
+        torch.nn.init.normal_(layer.lora_B, std=1.0)  # B != 0: dropout would change the outputs
+    train.set_lora_training(lm.model, True)  # as fit() leaves it after an epoch
+    first = train.evaluate(lm, data.drift, 4)
+    train.set_lora_training(lm.model, True)
+    assert train.evaluate(lm, data.drift, 4) == first
