@@ -285,7 +285,7 @@ def question_variants(lm, qa_data, train_set, val_set, config):
         if not (isinstance(variants, list) and all(isinstance(v, str) for v in variants)):  # new or broken
             variants = drop_words(question, count, random.Random(f"{config['seed']}:{question}"))
         drawn[question] = variants
-        examples += [dict(encode(lm, v, item["output"]), fact=fact_of(item["output"]),
+        examples += [dict(encode(lm, v, item["output"]), fact=e["fact"],
                           question_span=question_span(lm.tokenizer, v))  # where question_noise goes
                      for v in variants if v.strip() not in held_out]
     write_json(path, {**drawn_for, "variants": drawn})
