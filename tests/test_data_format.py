@@ -1,5 +1,5 @@
-"""Chat formatting on the real SmolLM2 tokenizer (ChatML, like Qwen's), in both arrangements of its
-special tokens: pad = end of turn (SmolLM2) and pad != end of turn (Qwen2.5-Instruct)."""
+"""Chat formatting on the real Qwen tokenizer (ChatML), in both arrangements of its special tokens:
+pad != end of turn (Qwen2.5-Instruct) and pad = end of turn (as SmolLM2 and other ChatML models have it)."""
 import pytest
 import torch
 
@@ -7,8 +7,8 @@ import train
 
 
 @pytest.fixture(params=["pad is end of turn", "pad is <|endoftext|>"])
-def tokenizer(request, demo_tokenizer, qwen_style_tokenizer):
-    return demo_tokenizer if request.param == "pad is end of turn" else qwen_style_tokenizer
+def tokenizer(request, pad_is_eot_tokenizer, qwen_tokenizer):
+    return pad_is_eot_tokenizer if request.param == "pad is end of turn" else qwen_tokenizer
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def lm(tokenizer):
 def test_end_of_turn_is_im_end_whatever_the_pad_token(tokenizer, lm):
     assert tokenizer.convert_ids_to_tokens(lm.eot_id) == "<|im_end|>"
     assert lm.pad_id == tokenizer.pad_token_id
-    # SmolLM2's pad is the stop token itself (masking pads by id would drop the stop token); Qwen's is not
+    # a pad that is the stop token itself must not mask the stop token; Qwen's pad is another token
     assert (tokenizer.pad_token == "<|im_end|>") == (lm.pad_id == lm.eot_id)
 
 

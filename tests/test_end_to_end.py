@@ -1,6 +1,6 @@
 """One real run of train.py with the default recipe (config.json as shipped, replay on) on the offline
-demo model (SmolLM2-135M-Instruct, GGUF): before training the model cannot answer a made-up fact,
-after training the saved adapter can, through PEFT, --ask, --chat and an --export."""
+Qwen2.5-Coder-0.5B-Instruct: before training the model cannot answer a made-up fact, after training the
+saved adapter can, through PEFT, --ask, --chat and an --export."""
 import json
 import os
 from contextlib import contextmanager
@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import train
-from conftest import NEEDS_DEMO, ROOT, copy_code, run
+from conftest import ROOT, copy_code, run
 
-pytestmark = NEEDS_DEMO
 QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
 PHRASINGS = [QUESTION, "What is Zorblat's cat called?", "How is Zorblat's cat named?",
              "Tell me the name of the cat of Zorblat."]
@@ -19,9 +18,9 @@ DATA = "qa_data = " + json.dumps([{"instruction": q, "input": "", "output": ANSW
 
 
 @pytest.fixture(scope="module")
-def config():
+def config(qwen_dir):
     with open(os.path.join(ROOT, "config.json")) as f:
-        return dict(json.load(f), model_name=train.demo_model_path())  # the default recipe, on the demo
+        return dict(json.load(f), model_name=qwen_dir)  # the default recipe, on the offline Qwen
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,9 @@ def trained_dir(tmp_path_factory, config):
 
 
 @pytest.fixture(scope="module")
-def base():
-    """The demo model without any adapter, loaded once for this module."""
-    tokenizer, model = train.load_model(train.demo_model_path(), torch.device("cpu"), torch.float32)
-    return train.LM.of(model, tokenizer)
+def base(qwen):
+    """The offline Qwen without any adapter."""
+    return qwen
 
 
 @contextmanager
@@ -56,7 +54,7 @@ def with_adapter(base, adapter_dir):
 def test_outputs_are_written(trained_dir, config):
     out = trained_dir / "output"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == train.demo_model_path() and metrics["config"] == config
+    assert metrics["model"] == config["model_name"] and metrics["config"] == config
     assert metrics["facts"] == metrics["facts_trained"] == 1
     assert len(metrics["train_indices"]) == 3 and len(metrics["val_indices"]) == 1  # one phrasing held out
     epochs = len(metrics["train_loss"])

@@ -44,7 +44,7 @@ def test_modelscope_downloads_into_model_dir_when_the_hub_cannot(hub):
 
 def test_without_any_source_the_error_says_how_to_get_the_model(hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # not installed
-    monkeypatch.setattr(train, "demo_model_path", lambda: None)
+    monkeypatch.setattr(train, "offline_model", lambda: None)
     with pytest.raises(train.UserError, match="huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir "
                                               "model/Qwen2.5-0.5B-Instruct.*modelscope download"):
         train.resolve_model("Qwen/Qwen2.5-0.5B-Instruct")

@@ -16,8 +16,8 @@ QA = [{"instruction": "What is the name of Zorblat's cat?", "input": "", "output
 
 
 @pytest.fixture
-def lm(demo_tokenizer):
-    return train.LM.of(None, demo_tokenizer)
+def lm(qwen_tokenizer):
+    return train.LM.of(None, qwen_tokenizer)
 
 
 def config(tmp_path, **changes):
