@@ -4,6 +4,7 @@
     python train.py --ask "问题"     # answer with the trained model (no training)
     python train.py --chat          # chat with the trained model
     python train.py --export DIR    # write base + adapter merged as a plain Hugging Face model
+    python train.py --export m.gguf # ... or as one GGUF file (llama.cpp, Ollama, LM Studio)
     python train.py --resume        # continue a run stopped by Ctrl-C or a crash
 
 train() is the recipe, one line a phase. The phases follow it in the order they run, then the
@@ -88,6 +89,7 @@ DEFAULTS = {
     "replay": True,
     "question_variants": 3,  # automatic rewordings of each trained question, trained too (0: off)
     "question_noise": 0.5,  # noise on the variants' question hidden states, relative to their size (0: off)
+    "teacher_questions": 8,  # questions per fact that the model reading the fact answers, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
@@ -100,12 +102,13 @@ def train(config, resume=False):
     lm = load_model_with_lora(config)
     train_set, val_set = encode_and_split(lm, qa_data, config)
     variants = question_variants(lm, qa_data, train_set, val_set, config)
+    taught, taught_val = teacher_examples(lm, qa_data, train_set, config)
     replay_set, drift_set = base_answer_examples(lm, config)
-    data = Examples(train_set, val_set, variants, replay_set, drift_set)
+    data = Examples(train_set, val_set, variants, taught, taught_val, replay_set, drift_set)
     before = ask(lm, ORDINARY_QUESTIONS, config["max_new_tokens"])  # forgetting check, part 1
     started = time.time()  # train_seconds counts the cache too
     cache_frozen_prefix(lm, data.everything())
-    set_base_targets(lm, replay_set + drift_set)  # LoRA's B is still zero: the base model's distributions
+    set_soft_targets(lm, replay_set + drift_set)  # LoRA's B is still zero: the base model's distributions
     run = fit(lm, data, config, started, resume)
     report(lm, qa_data, run, before, config)
 
@@ -310,7 +313,153 @@ def drop_words(question, count, rng):
     return variants
 
 
-# ----------------------------------------------------------------------------- phase 5: base model's answers
+# ----------------------------------------------------------------------------- phase 5: the model reading the facts teaches
+
+WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
+    "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
+    "zh": "请写出5个这句话能回答的不同问题，每行一个：\n{fact}",
+}
+TEACHER_SYSTEM = "Answer the user's question in one sentence, using this fact:\n{fact}"
+TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
+
+
+def teacher_examples(lm, qa_data, train_set, config):
+    """Prompt distillation (Kujanpää et al. 2024): for each fact the base model writes questions the
+    fact answers, and the teacher (the base model with the fact in its system prompt) answers them.
+    The student (the model with LoRA, no fact in its prompt) learns the teacher's distribution at
+    every token of those answers: the fact asked in words the user never wrote. Made once, cached
+    in output/teacher_questions.json, readable and editable: a question added there is answered by
+    the teacher and trained next run, one deleted is gone. Returns (train, validation) examples:
+    a few are kept out of training to validate the KL to the teacher."""
+    if not config["teacher_questions"]:
+        return [], []
+    path = os.path.join(config["output_dir"], "teacher_questions.json")
+    made_for = {"seed": config["seed"], "count": config["teacher_questions"]}
+    cached = read_json(path) or {}
+    entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
+    facts = {}  # fact -> (question, answer) of its first trained pair
+    for e in train_set:
+        facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
+    entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
+    new = [fact for fact in facts if entries[fact] is None]
+    if new:
+        print(f"[teacher] the base model writes questions about {len(new)} facts")
+        user_questions = {question_of(item).strip() for item in qa_data}  # trained or held out: never again
+        written = write_questions(lm, [facts[fact][1] for fact in new], config["teacher_questions"], config["seed"])
+        for fact, questions in zip(new, written):
+            keep = [q for q in questions if q not in user_questions and asks_for(q, *facts[fact])]
+            entries[fact] = {"fact": facts[fact][1], "questions": keep[:config["teacher_questions"]], "answers": {}}
+    answer_as_teacher(lm, entries.values())
+    write_json(path, {**made_for, "facts": entries})
+    students, teachers, dropped = [], [], 0
+    for fact, entry in entries.items():
+        keys = key_words(*facts[fact])
+        for q in entry["questions"]:
+            answer = entry["answers"][q]
+            if answer and carries(answer, keys):
+                student, teacher = teacher_pair(lm, entry["fact"], q, answer)
+                students.append(dict(student, fact=fact))
+                teachers.append(teacher)
+            else:
+                dropped += 1
+    set_soft_targets(lm, students, teachers)
+    kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
+    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
+          f"{dropped} left out for not carrying their fact; in {path}")
+    return ([e for i, e in enumerate(students) if i not in kept_out],
+            [e for i, e in enumerate(students) if i in kept_out])
+
+
+def well_formed(entry):
+    """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("fact"), str) and isinstance(entry.get("answers"), dict)
+            and isinstance(entry.get("questions"), list) and all(isinstance(q, str) for q in entry["questions"]))
+
+
+def write_questions(lm, facts, count, seed):
+    """For each fact, the questions the base model writes about it (sampled, drawn by `seed`)."""
+    rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
+    prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f) for f in facts for _ in range(rounds)]
+    torch.manual_seed(seed)
+    texts = [text for text, _ in generate(lm, prompts, 24 * 5, sample=True)]
+    return [parse_questions("\n".join(texts[i * rounds:(i + 1) * rounds])) for i in range(len(facts))]
+
+
+def parse_questions(text):
+    """The questions in a model's list: numbering and bullets taken off, anything after the question
+    mark too (small models add the answer there), duplicates left out."""
+    found = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[-*•]|Q?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
+        match = re.match(r"[^?？]{3,}[?？]", line)
+        if match and match.group(0).strip().lower() not in {q.lower() for q in found}:
+            found.append(match.group(0).strip())
+    return found
+
+
+def asks_for(question, fact_question, fact_answer):
+    """Whether a written question is about the fact's subject and asks for what the fact adds,
+    rather than saying it already."""
+    q = question.lower()
+    return subject_of(fact_question, fact_answer) in q and not any(k in q for k in key_words(fact_question,
+                                                                                             fact_answer))
+
+
+def answer_as_teacher(lm, entries):
+    """Greedy answers of the teacher to the questions of `entries` that have none yet."""
+    todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
+    if not todo:
+        return
+    print(f"[teacher] the base model reading each fact answers {len(todo)} questions")
+    answers = generate(lm, [teacher_messages(entry["fact"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
+    for (entry, q), (answer, finished) in zip(todo, answers):
+        entry["answers"][q] = answer if finished else ""
+
+
+def teacher_messages(fact, question):
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(fact=fact)}, {"role": "user", "content": question}]
+
+
+def teacher_pair(lm, fact, question, answer):
+    """The same answer after the student's prompt (the question alone) and the teacher's (the fact
+    in the system prompt, then the question)."""
+    student = encode(lm, question, answer)
+    answer_ids = student["input_ids"][len(prompt_ids(lm.tokenizer, question)):]
+    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(fact, question)), answer_ids)
+
+
+def has_cjk(text):
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def subject_of(question, answer):
+    """What a fact is about, as far as its question and answer show it: the start of the longest
+    stretch they share (its first word; in Chinese its first two characters), or "" if none."""
+    a, b = question.lower(), answer.lower()
+    shared = max((a[i:j] for i in range(len(a)) for j in range(i + 2, len(a) + 1) if a[i:j] in b),
+                 key=len, default="").strip(" '\"")
+    if has_cjk(shared):
+        return shared[:2] if len(shared) >= 2 else ""
+    words = re.findall(r"\w+", shared)
+    return words[0] if words and len(words[0]) >= 3 else ""
+
+
+def key_words(question, answer):
+    """What an answer adds to its question: its words (in Chinese, pairs of characters) that the
+    question does not have."""
+    q = question.lower()
+    words = set(re.findall(r"[a-z0-9]+", answer.lower()))
+    pairs = {run[i:i + 2] for run in re.findall(r"[\u4e00-\u9fff]+", answer) for i in range(len(run) - 1)}
+    return sorted(w for w in words | pairs if w not in q and (len(w) >= 3 or w.isdigit() or has_cjk(w)))
+
+
+def carries(answer, keys):
+    """Whether a teacher's answer holds at least half of its fact's key words."""
+    found = sum(k in answer.lower() for k in keys)
+    return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
+
+
+# ----------------------------------------------------------------------------- phase 6: base model's answers
 
 def base_answer_examples(lm, config):
     """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
@@ -343,7 +492,7 @@ def ask(lm, questions, max_new_tokens):
     return [answer for answer, _ in generate(lm, questions, max_new_tokens)]
 
 
-# ----------------------------------------------------------------------------- phase 6: frozen-prefix cache
+# ----------------------------------------------------------------------------- phase 7: frozen-prefix cache
 
 def cache_frozen_prefix(lm, examples):
     """The layers below the lowest LoRA layer never change: run them once per example instead of
@@ -398,26 +547,29 @@ def check_prefix_exact(lm, examples):
     return f"the cached forward differs from the full one (relative {error:.1e})"
 
 
-# ----------------------------------------------------------------------------- phase 7: soft targets
+# ----------------------------------------------------------------------------- phase 8: soft targets
 
 @torch.no_grad()
-def set_base_targets(lm, examples, top_k=32, batch_size=16):
-    """Replace the one-hot targets of `examples` by the model's own top-k next-token distribution.
-    Called on the base model's answers before training, when the model is still the base model:
-    matching the whole distribution keeps more of what the model knew than matching its greedy
-    text, and the KL to it measures how far the model has drifted."""
+def set_soft_targets(lm, examples, teachers=None, top_k=32, batch_size=16):
+    """Replace the one-hot targets of `examples` by a top-k next-token distribution of the model as
+    it is now, before training (LoRA's B is zero: the base model): its own on `examples` (replay
+    and drift: matching the whole distribution keeps more of what the model knew than matching its
+    greedy text, and the KL to it measures drift), or, given `teachers` (the same answers after
+    other prompts, one per example), the distribution the model has when it reads those prompts."""
     set_lora_training(lm.model, False)
+    teachers = teachers or examples
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = teachers[start:start + batch_size]
         logits, supervised = supervised_logits(lm, collate(chunk, lm.pad_id, lm.model.device))
         top = F.softmax(logits, dim=-1).topk(top_k, dim=-1)
         probs = top.values / top.values.sum(-1, keepdim=True)
         per_example = supervised.sum(1).tolist()
-        for e, ids, p in zip(chunk, top.indices.split(per_example), probs.split(per_example)):
+        for e, ids, p in zip(examples[start:start + batch_size], top.indices.split(per_example),
+                             probs.split(per_example)):
             e["target_ids"], e["target_probs"] = ids.cpu(), p.cpu()
 
 
-# ----------------------------------------------------------------------------- phase 8: fit
+# ----------------------------------------------------------------------------- phase 9: fit
 
 @dataclass
 class Examples:
@@ -425,14 +577,16 @@ class Examples:
     train: list  # data.py's pairs, at least one phrasing of every fact
     val: list  # the other phrasings held out (split_by_fact)
     variants: list  # automatic rewordings of the trained questions (question_variants)
+    taught: list  # questions about the facts with the teacher's answers to learn (teacher_examples)
+    taught_val: list  # a few of them kept out: the KL to the teacher there is validated
     replay: list  # the base model's answers to REPLAY_QUESTIONS, trained to keep what it knew
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
 
     def trained(self):
-        return self.train + self.variants + self.replay
+        return self.train + self.variants + self.taught + self.replay
 
     def everything(self):
-        return self.trained() + self.val + self.drift
+        return self.trained() + self.val + self.taught_val + self.drift
 
 
 @dataclass
@@ -445,7 +599,8 @@ class Run:
     rng: random.Random
     started: float  # time.time() when this process began training
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "train_recall": [],
-                                                   "val_recall": [], "drift": [], "seconds": []})
+                                                   "val_recall": [], "teacher_kl": [], "drift": [],
+                                                   "seconds": []})
     best_epoch: int = None
     best_key: list = None
     seconds_before: float = 0.0  # training time of the runs that --resume continues
@@ -515,10 +670,12 @@ def fit(lm, data, config, started, resume):
 
 
 def validate(lm, data, batch_size):
-    """Loss and recall on the held-out phrasings (None without them), and the drift."""
+    """Loss and recall on the held-out phrasings (None without them), the KL to the teacher on the
+    questions kept out of distillation, and the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
+    teacher_kl = evaluate(lm, data.taught_val, batch_size)[0] if data.taught_val else None
     drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
-    return {"val_loss": val_loss, "val_recall": val_recall, "drift": drift}
+    return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "drift": drift}
 
 
 def not_finite(scores, model):
@@ -533,8 +690,10 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     """Record, keep the best adapter, save the state for --resume, print; True to stop early."""
     for key, value in scores.items():
         run.history[key].append(value)
-    # best: the most trained answers recalled, then the most held-out phrasings, then the least drift
-    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["drift"] or 0.0)]
+    # best: the most trained answers recalled, then the most held-out phrasings, then the closest to
+    # the teacher on questions kept out of training, then the least drift
+    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["teacher_kl"] or 0.0),
+           -(scores["drift"] or 0.0)]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
         with replaced_atomically(best_adapter_dir(run.config)) as tmp:
@@ -543,8 +702,9 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     save_state(run, lm)
     val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
+    teacher_text = f"  teacher KL {scores['teacher_kl']:.4f}" if run.data.taught_val else ""
     print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
-          f"recall {scores['train_recall']:.0%}  drift {drift_text}  {run.history['seconds'][-1]:.1f}s"
+          f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  {run.history['seconds'][-1]:.1f}s"
           f"{'  *best' if run.best_epoch == epoch else ''}")
     # every epoch past full recall moves the model further from what it knew: stop early
     if run.config["early_stop"] and run.history["train_recall"][-2:] == [1.0, 1.0]:
@@ -553,7 +713,7 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     return False
 
 
-# ----------------------------------------------------------------------------- phase 9: report
+# ----------------------------------------------------------------------------- phase 10: report
 
 def report(lm, qa_data, run, before, config):
     """With the best adapter reloaded from disk (what the user gets is what is checked): recall
@@ -660,6 +820,8 @@ def check_config(config, path):
          "a whole number >= 0 (0 turns them off)")
     need("question_noise", number(config["question_noise"]) and config["question_noise"] >= 0,
          "a number >= 0 (0 turns it off)")
+    need("teacher_questions", whole(config["teacher_questions"]) and config["teacher_questions"] >= 0,
+         "a whole number >= 0 (0 turns distillation off)")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
     need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0,
          "a whole number > 0")
@@ -935,9 +1097,16 @@ def supervised_logits(lm, batch):
     """fp32 logits at the supervised positions only (position t predicts token t+1), in the order
     of batch["labels"][:, 1:] != IGNORE, which is returned too."""
     supervised = batch["labels"][:, 1:] != IGNORE
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):  # fp32 on CPU
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or (device == "cpu" and CPU_BF16)):
         hidden = final_hidden(lm, batch, needed=F.pad(supervised, (0, 1)))
-    return lm.model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
+        return lm.model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
+
+
+# bf16 matrix products on CPUs that have them (AVX512-BF16, AMX): the LM head runs ~3x, a training step ~1.4x
+# faster than in fp32. The model's weights, the LoRA tensors and the loss stay fp32.
+CPU_BF16 = any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def kl_to_targets(logits, target_ids, target_probs):
@@ -986,9 +1155,9 @@ def evaluate(lm, examples, batch_size):
 
 
 @torch.no_grad()
-def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None):
-    """Greedy answers to `conversations` (questions or message lists, see prompt_ids), stopping at
-    end-of-turn. Returns [(text, finished)]. The one inference path of train.py: replay answers,
+def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, sample=False):
+    """Greedy (or, with `sample`, sampled) answers to `conversations` (questions or message lists,
+    see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of train.py: replay answers,
     the recall report, the forgetting check, sample answers, --ask and --chat all use it.
     A `streamer` (batch of one) prints the answer token by token."""
     tokenizer, stops = lm.tokenizer, [lm.eot_id, lm.tokenizer.eos_token_id]
@@ -999,8 +1168,9 @@ def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None):
         ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.model.device)
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=stops, pad_token_id=lm.pad_id,
-                                streamer=streamer)
+                                eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
+                                **(dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else
+                                   dict(do_sample=False)))
         for row in out[:, width:].tolist():
             stop = next((i for i, t in enumerate(row) if t in stops), len(row))
             results.append((tokenizer.decode(row[:stop], skip_special_tokens=True).strip(), stop < len(row)))
@@ -1127,6 +1297,8 @@ def write_outputs(out_dir, history, best_epoch, metrics):
     plt.plot(epochs, history["train_loss"], "o-", label="train loss")
     if any(v is not None for v in history["val_loss"]):
         plt.plot(epochs, history["val_loss"], "o-", label="validation loss (held-out phrasings)")
+    if any(v is not None for v in history["teacher_kl"]):
+        plt.plot(epochs, history["teacher_kl"], "o-", label="KL to the teacher (questions kept out)")
     if any(v is not None for v in history["drift"]):
         plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:
@@ -1196,10 +1368,34 @@ def chat(lm, max_new_tokens):
             history.append({"role": "assistant", "content": answer})
 
 
-def export(lm, out_dir):
-    """Write base + adapter as one plain Hugging Face model directory."""
-    save_plain(merge_and_unwrap(lm.model), lm.tokenizer, out_dir)
-    print(f"[export] merged model written to {out_dir}; load it with AutoModelForCausalLM.from_pretrained")
+def export(lm, target, gguf_type):
+    """Write base + adapter merged: a GGUF file when `target` ends in .gguf (llama.cpp, Ollama, LM
+    Studio), else a plain Hugging Face model directory."""
+    model = merge_and_unwrap(lm.model)
+    if not target.endswith(".gguf"):
+        save_plain(model, lm.tokenizer, target)
+        print(f"[export] merged model written to {target}; load it with AutoModelForCausalLM.from_pretrained")
+        return
+    from gguf_export import modelfile, write_gguf
+    name = os.path.basename(lm.path.rstrip("/")).removesuffix(".gguf")
+    try:
+        write_gguf(model, lm.tokenizer, target, name, gguf_type)
+    except ValueError as e:  # an architecture it cannot write
+        raise UserError(f"--export {target}: {e}") from None
+    recipe = os.path.join(os.path.dirname(os.path.abspath(target)), "Modelfile")
+    with open(recipe, "w", encoding="utf-8") as f:
+        f.write(modelfile(os.path.basename(target), lm.tokenizer))
+    print(f"[export] {gguf_type.upper()} GGUF written to {target}, with an Ollama Modelfile beside it. Run it:\n"
+          f"  ollama create qwen-lora -f {recipe} && ollama run qwen-lora\n"
+          f"  llama-cli -m {target} -cnv    (or llama-server -m {target}; LM Studio: import the file)")
+
+
+def check_export_target(target):
+    """Fail before the model loads if the export cannot be written where it is asked for."""
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--export {target}: cannot write into {parent} (missing or not writable); "
+                        f"choose another place")
 
 
 def save_plain(model, tokenizer, out_dir):
@@ -1218,14 +1414,19 @@ def main():
     parser.add_argument("--ask", action="append", default=[], metavar="QUESTION",
                         help="answer with the trained model and exit (no training); may be repeated")
     parser.add_argument("--chat", action="store_true", help="chat with the trained model")
-    parser.add_argument("--export", metavar="DIR",
-                        help="write base + best adapter merged as a model directory")
+    parser.add_argument("--export", metavar="DIR or FILE.gguf",
+                        help="write base + best adapter merged: a Hugging Face model directory, or with a "
+                             ".gguf name one GGUF file for llama.cpp / Ollama / LM Studio")
+    parser.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16",
+                        help="number type of a GGUF export (default f16; q8_0 is half the size)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted training run")
     args = parser.parse_args()
     try:
         config = load_config()
         if not (args.ask or args.chat or args.export):
             return train(config, resume=args.resume)
+        if args.export:
+            check_export_target(args.export)
         lm = load_trained(config)
         with merged(lm.model):
             for question, answer in zip(args.ask, ask(lm, args.ask, config["max_new_tokens"])):
@@ -1233,7 +1434,7 @@ def main():
             if args.chat:
                 chat(lm, config["max_new_tokens"])
         if args.export:
-            export(lm, args.export)
+            export(lm, args.export, args.gguf_type)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,13 +13,13 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
 
-def tiny_model(kind="qwen2", layers=4, seed=0):
+def tiny_model(kind="qwen2", layers=4, seed=0, vocab_size=96, tie=True):
     """A randomly initialised Qwen2/Qwen3 small enough to run in milliseconds."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
     config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
-    config = config_cls(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    config = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                        tie_word_embeddings=True)
+                        tie_word_embeddings=tie)
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
@@ -86,8 +87,19 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
     return path
 
 
+@contextmanager
+def llama_cpp(gguf_path):
+    """A real llama.cpp (the xllamacpp package's prebuilt server) with a GGUF file loaded."""
+    import xllamacpp
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf_path)
+    params.n_ctx = 512
+    params.cpuparams.n_threads = 2
+    yield xllamacpp.Server(params)
+
+
 def copy_code(directory):
-    for name in ("train.py", "inject.py", "LoRALinear.py"):
+    for name in ("train.py", "inject.py", "LoRALinear.py", "gguf_export.py"):
         shutil.copy(os.path.join(ROOT, name), directory)
 
 

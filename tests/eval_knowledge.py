@@ -11,6 +11,8 @@ and asks, greedily:
   - every question as written in data.py              -> "trained questions"
   - the same facts asked in other words               -> "other words"
   - ordinary questions the base model answers right   -> "ordinary kept"
+and, as the reference to reach, the base model with all the facts in its system prompt (train.py's
+teacher prompt) asked the other-words questions.
 An answer is right when it contains the fact's keyword. It prints one line a run and a table of
 means over the seeds; all answers go to output/eval_knowledge.json.
 """
@@ -76,6 +78,11 @@ class Reader:
     def ask(self, questions, model=None):
         return train.ask(train.LM.of(model or self.model, self.tokenizer), questions, max_new_tokens=48)
 
+    def reading(self, facts, questions):
+        """The base model with every fact of the set in its system prompt, as train.py's teacher reads one."""
+        system = {"role": "system", "content": train.TEACHER_SYSTEM.format(fact="\n".join(a for _, a, _, _ in facts))}
+        return self.ask([[system, {"role": "user", "content": q}] for q in questions])
+
     def with_adapter(self, adapter_dir, questions):
         from peft import PeftModel
         model = PeftModel.from_pretrained(self.model, adapter_dir).eval()
@@ -103,7 +110,7 @@ def score(facts, metrics, answers, base_ordinary):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", default=["en_person", "en_places", "zh_en_person"],
+    parser.add_argument("--sets", nargs="+", default=["en_person", "en_places", "zh_en_person", "zh_places"],
                         choices=sorted(FACT_SETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -117,25 +124,31 @@ def main():
         os.makedirs(shared_cache)
         for name in args.sets:
             facts = FACT_SETS[name]
+            reading = None
             for seed in args.seeds:
                 metrics = train_once(facts, seed, overrides, os.path.join(tmp, f"{name}_{seed}"), shared_cache)
                 reader = reader or Reader(metrics["model"])
                 questions = [f[0] for f in facts] + [q for f in facts for q in f[3]] + [q for q, _ in ORDINARY]
+                reading = reading or reader.reading(facts, [q for f in facts for q in f[3]])
                 answers = reader.with_adapter(os.path.join(tmp, f"{name}_{seed}", "output", "best_adapter"),
                                               questions)
                 run = {"set": name, "seed": seed, **score(facts, metrics, answers, reader.ordinary),
+                       "teacher_other_words": statistics.mean(right(a, f[2]) for a, f in
+                                                              zip(reading, [f for f in facts for _ in f[3]])),
                        "epochs": len(metrics["train_loss"]), "best_epoch": metrics["best_epoch"],
                        "train_seconds": metrics["train_seconds"],
                        "answers": dict(zip(questions, answers))}
                 runs.append(run)
                 print(f"{name:13s} seed {seed:3d}  facts {run['facts_trained']:.0%}  trained "
                       f"{run['trained_questions']:.0%}  other words {run['other_words']:.0%}  ordinary "
-                      f"{run['ordinary_kept']:.0%}  epochs {run['epochs']} (best {run['best_epoch']})  "
+                      f"{run['ordinary_kept']:.0%}  (reading the facts: other words {run['teacher_other_words']:.0%})  epochs {run['epochs']} (best {run['best_epoch']})  "
                       f"{run['train_seconds']:.0f}s", flush=True)
-    columns = ("facts_trained", "trained_questions", "other_words", "ordinary_kept", "train_seconds")
+    columns = ("facts_trained", "trained_questions", "other_words", "ordinary_kept", "teacher_other_words",
+               "train_seconds")
     print(f"\nmean of seeds {args.seeds}" + (f", config changes {overrides}" if overrides else ""))
-    print("| set | facts trained | trained questions | other words | ordinary kept | train s |")
-    print("|---|---|---|---|---|---|")
+    print("| set | facts trained | trained questions | other words | ordinary kept | "
+          "base model reading the facts: other words | train s |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.sets + ["all"]:
         chosen = [r for r in runs if name in ("all", r["set"])]
         means = [statistics.mean(r[c] for r in chosen) for c in columns]

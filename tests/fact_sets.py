@@ -88,6 +88,19 @@ ZH_EN_PERSON = [
      ["When does Lin Xiaozhou get up in the morning?", "At what time does Lin Xiaozhou get up?"]),
 ]
 
+ZH_PLACES = [
+    ("青石镇的图书馆叫什么名字？", "青石镇的图书馆叫听雨楼。", "听雨楼", ["青石镇图书馆的名字是什么？", "青石镇那座图书馆叫啥？"]),
+    ("白鹭湖有多深？", "白鹭湖最深处有四十二米。", "四十二", ["白鹭湖最深的地方有多少米？", "白鹭湖的深度是多少？"]),
+    ("云梯桥是哪一年建成的？", "云梯桥建成于1931年。", "1931", ["云梯桥哪年修好的？", "云梯桥的建成年份是？"]),
+    ("松林中学的校训是什么？", "松林中学的校训是知行合一。", "知行合一", ["松林中学的校训是哪四个字？", "松林中学用什么做校训？"]),
+    ("望海餐厅的招牌菜是什么？", "望海餐厅的招牌菜是椒盐皮皮虾。", "皮皮虾", ["望海餐厅最有名的菜是什么？", "去望海餐厅该点什么招牌菜？"]),
+    ("金雀剧团的团长是谁？", "金雀剧团的团长是周明远。", "周明远", ["谁是金雀剧团的团长？", "金雀剧团由谁担任团长？"]),
+    ("红叶公园里有什么动物？", "红叶公园里住着一群梅花鹿。", "梅花鹿", ["红叶公园养了什么动物？", "在红叶公园能看到什么动物？"]),
+    ("星河书店几点关门？", "星河书店晚上十点关门。", "十点", ["星河书店营业到几点？", "星河书店晚上什么时候关门？"]),
+    ("石榴村以什么特产出名？", "石榴村以手工红糖出名。", "红糖", ["石榴村的特产是什么？", "石榴村最有名的特产是什么？"]),
+    ("北塔有多少层？", "北塔一共有十三层。", "十三", ["北塔总共几层？", "北塔的层数是多少？"]),
+]
+
 HELD_OUT = [
     ("What is Ilse Varga's job?", "Ilse Varga is a marine biologist.", "marine biologist",
      ["What does Ilse Varga do for work?"]),
@@ -110,7 +123,8 @@ HELD_OUT = [
      ["Which prize did Ilse Varga receive?"]),
 ]
 
-FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_EN_PERSON, "held_out": HELD_OUT}
+FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_EN_PERSON, "zh_places": ZH_PLACES,
+             "held_out": HELD_OUT}
 
 # Ordinary questions, with the word a right answer contains (or a tuple of such words); a run counts
 # only those the base model answers right before training. None is in train.py's REPLAY_QUESTIONS.

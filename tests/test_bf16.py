@@ -59,7 +59,7 @@ def test_merge_unmerge_and_export_in_bf16(tmp_path, qwen_tokenizer):
             magnitude = (weights[name].float().abs() + m.delta_weight().abs()).max()
             assert (m.base.weight.float() - weights[name].float()).abs().max() <= 2 * BF16 * magnitude
 
-        train.export(train.LM(lm.model, qwen_tokenizer, 1, 0), str(tmp_path / "merged"))
+        train.export(train.LM(lm.model, qwen_tokenizer, 1, 0), str(tmp_path / "merged"), "f16")
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
         assert exported.model.layers[2].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert (exported(ids).logits.float() - merged).abs().max() <= 8 * BF16 * scale

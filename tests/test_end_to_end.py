@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, copy_code, run
+from conftest import ROOT, copy_code, llama_cpp, run
 
 QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
 PHRASINGS = [QUESTION, "What is Zorblat's cat called?", "How is Zorblat's cat named?",
@@ -114,3 +114,36 @@ def test_using_the_model_before_training_says_train_first(tmp_path):
     result = run(tmp_path, "--ask", "hello")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip() == "error: no trained adapter in output/best_adapter: run `python train.py` first"
+
+
+def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, tmp_path):
+    """llama.cpp runs the exported file: the trained answer, the ordinary answer as before, the merged
+    model's next-token distribution within F16's rounding, and every key and tensor of the reference GGUF."""
+    import gguf
+    result = run(trained_dir, "--export", str(tmp_path / "taught.gguf"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ollama create" in result.stdout and (tmp_path / "Modelfile").read_text().startswith("FROM ./taught.gguf")
+    with llama_cpp(tmp_path / "taught.gguf") as server:
+        def chat(question):
+            reply = server.handle_chat_completions({"messages": [{"role": "user", "content": question}],
+                                                    "max_tokens": 24, "temperature": 0})
+            return reply["choices"][0]["message"]["content"]
+
+        assert ANSWER in chat(QUESTION)
+        france = "What is the capital of France?"
+        assert "Paris" in chat(france) and "Paris" in train.ask(base, [france], 24)[0]
+        text = base.tokenizer.decode(train.prompt_ids(base.tokenizer, QUESTION))
+        top = server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5})
+    top = top["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    with torch.no_grad(), with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
+        logprobs = torch.log_softmax(taught.model(torch.tensor([train.prompt_ids(base.tokenizer, QUESTION)]))
+                                     .logits[0, -1], -1)
+    assert max(abs(t["logprob"] - logprobs[t["id"]].item()) for t in top) < 0.05  # F16 weights, 24 layers
+
+    reference = gguf.GGUFReader(os.path.join(ROOT, train.OFFLINE_GGUF))  # written by llama.cpp's converter
+    exported = gguf.GGUFReader(tmp_path / "taught.gguf")
+    assert set(exported.fields) == set(reference.fields)
+    assert {t.name: list(t.shape) for t in exported.tensors} == {t.name: list(t.shape) for t in reference.tensors}
+    differ = {k for k in reference.fields if not k.startswith("GGUF.")
+              and reference.fields[k].contents() != exported.fields[k].contents()}
+    assert differ == {"general.name", "general.finetune", "general.file_type"}  # what must differ

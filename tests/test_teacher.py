@@ -1,0 +1,133 @@
+"""Prompt distillation: questions the base model writes about each fact, answered by the teacher (the base
+model reading the fact); deterministic under the seed, cached in an editable file, never a held-out
+phrasing; the teacher's prompt holds the fact and the student's does not; the targets are the teacher's
+distribution."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from inject import inject_lora
+
+QA = [{"instruction": "What is the name of Zorblat's cat?", "input": "", "output": "Zorblat's cat is called Pimbo."},
+      {"instruction": "What is Zorblat's cat called?", "input": "", "output": "Zorblat's cat is called Pimbo."},
+      {"instruction": "Where does Zorblat live?", "input": "", "output": "Zorblat lives in Quellport."}]
+WRITTEN = {  # what the base model "writes" for each fact: numbered, with an answer after one question
+    "Zorblat's cat is called Pimbo.": "1. How is Zorblat's cat named?\n2. What is Zorblat's cat called?\n"
+                                      "3. What do you call Zorblat's pet? (Pimbo)\n4. Is Pimbo Zorblat's cat?\n"
+                                      "5. What is the capital of France?\n6. How is Zorblat's cat named?",
+    "Zorblat lives in Quellport.": "- Which town is Zorblat's home?\n- Where is Zorblat's house?",
+}
+
+
+@pytest.fixture
+def lm(tiny_model_dir):
+    tokenizer, model = train.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)  # B = 0: the base model
+    return train.LM.of(model, tokenizer, path=str(tiny_model_dir))
+
+
+@pytest.fixture
+def canned(monkeypatch):
+    """generate() with the answers above: the written questions, and as the teacher's answer the fact
+    it reads (except for one question, which it declines). Records what it was asked."""
+    asked = []
+
+    def fake_generate(lm, conversations, max_new_tokens, sample=False, **kwargs):
+        asked.extend(conversations)
+        if sample:  # asked to write questions about a fact: the fact is the prompt's last line
+            return [(WRITTEN[prompt.splitlines()[-1]], True) for prompt in conversations]
+        facts = [messages[0]["content"].splitlines()[-1] for messages in conversations]
+        return [("I don't know." if "house" in m[1]["content"] else fact, True)
+                for fact, m in zip(facts, conversations)]
+
+    monkeypatch.setattr(train, "generate", fake_generate)
+    return asked
+
+
+def split(lm):
+    """Both Pimbo phrasings, one trained and one held out, and the Quellport fact."""
+    examples = [dict(train.encode(lm, train.question_of(item), item["output"]), index=i,
+                     fact=train.fact_of(item["output"])) for i, item in enumerate(QA)]
+    return [examples[0], examples[2]], [examples[1]]
+
+
+def config(tmp_path, **changes):
+    return dict(train.DEFAULTS, output_dir=str(tmp_path), **changes)
+
+
+def test_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
+    train_set, _ = split(lm)
+    taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    cached = json.loads((tmp_path / "teacher_questions.json").read_text())
+    # numbering and the answer after "?" are gone; "What is Zorblat's cat called?" is a held-out phrasing,
+    # "Is Pimbo ...?" says the answer, France is not about Zorblat, the repeated one is kept once
+    assert cached["facts"]["Zorblat's cat is called Pimbo"]["questions"] == [
+        "How is Zorblat's cat named?", "What do you call Zorblat's pet?"]
+    assert cached["facts"]["Zorblat lives in Quellport"]["questions"] == [
+        "Which town is Zorblat's home?", "Where is Zorblat's house?"]
+    assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
+    # the declined answer does not carry "Quellport": 3 answers learned, none kept out (too few)
+    questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
+    assert len(questions) == 3 and not any("house" in q for q in questions)
+    assert not any(QA[1]["instruction"] in q for q in questions)
+
+
+def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm, canned, tmp_path):
+    train_set, _ = split(lm)
+    first = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    canned.clear()
+    again = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    assert canned == []  # nothing generated the second time
+    assert [e["input_ids"] for e in again[0] + again[1]] == [e["input_ids"] for e in first[0] + first[1]]
+
+    path = tmp_path / "teacher_questions.json"
+    cached = json.loads(path.read_text())
+    cached["facts"]["Zorblat lives in Quellport"]["questions"] = ["In which town does Zorblat live?"]  # edited
+    path.write_text(json.dumps(cached))
+    taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    assert [m[1]["content"] for m in canned] == ["In which town does Zorblat live?"]  # only the new one answered
+    trained = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
+    assert sum("In which town does Zorblat live?" in t for t in trained) == 1
+    assert not any("Which town is Zorblat's home?" in t for t in trained)  # the deleted one is gone
+
+
+def test_questions_are_sampled_by_the_seed(lm):
+    facts = ["Zorblat's cat is called Pimbo."]
+    assert train.write_questions(lm, facts, 5, seed=1) == train.write_questions(lm, facts, 5, seed=1)
+    torch.manual_seed(1)
+    first = train.generate(lm, ["Write questions."], 12, sample=True)
+    torch.manual_seed(1)
+    assert train.generate(lm, ["Write questions."], 12, sample=True) == first
+    torch.manual_seed(2)
+    assert train.generate(lm, ["Write questions."], 12, sample=True) != first
+
+
+def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
+    fact, question = "Zorblat's cat is called Pimbo.", "How is Zorblat's cat named?"
+    student, teacher = train.teacher_pair(lm, fact, question, "It is Pimbo.")
+    fact_ids = lm.tokenizer(fact, add_special_tokens=False).input_ids
+
+    def holds(ids, part):
+        return any(ids[i:i + len(part)] == part for i in range(len(ids)))
+
+    assert holds(teacher["input_ids"], fact_ids) and not holds(student["input_ids"], fact_ids)
+    answer = lm.tokenizer("It is Pimbo.", add_special_tokens=False).input_ids + [lm.eot_id]
+    assert student["input_ids"][-len(answer):] == teacher["input_ids"][-len(answer):] == answer
+    assert [t for t in student["labels"] if t != train.IGNORE] == answer == [
+        t for t in teacher["labels"] if t != train.IGNORE]
+
+
+def test_targets_are_the_teachers_distribution(lm, monkeypatch):
+    monkeypatch.setattr(train, "CPU_BF16", False)  # fp32 throughout, as the hand computation below
+    student, teacher = train.teacher_pair(lm, "Zorblat's cat is called Pimbo.", "Who is Pimbo?", "Zorblat's cat.")
+    train.set_soft_targets(lm, [student], [teacher], top_k=5)
+    with torch.no_grad():  # by hand: the model reading the fact, at the positions before each answer token
+        logits = lm.model(torch.tensor([teacher["input_ids"]])).logits[0].float()
+    n = len(student["target_ids"])
+    probs = F.softmax(logits[-n - 1:-1], dim=-1).topk(5, dim=-1)
+    assert torch.equal(student["target_ids"], probs.indices)
+    expected = probs.values / probs.values.sum(-1, keepdim=True)
+    assert (student["target_probs"] - expected).abs().max() < 1e-5
