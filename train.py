@@ -45,30 +45,38 @@ ORDINARY_QUESTIONS = [
     "What is the capital of France?",
     "What is the capital of Germany?",
     "How many minutes are in an hour?",
-    "What is the chemical symbol for water?",
+    "Who wrote Pride and Prejudice?",
     "日本的首都是哪里？",
 ]
 
 # Ordinary questions the base model answers before training; its own answers are mixed into
-# training ("replay") so that learning new facts does not overwrite what the model knew.
-# Replay keeps whatever the base model does, so leave out questions it answers oddly: SmolLM2
-# answered "capital of Italy" in Italian, and replaying that made it answer "capital of France" in French.
+# training ("replay") so that learning new facts does not overwrite what the model knew. Replay keeps
+# whatever the base model does, so it holds questions the offline Qwen answers well, of the kinds people
+# ask (capitals, who did what, numbers, words, in English and Chinese). More of them keep more: 38 kept
+# 75% of other ordinary answers right, 75 kept 92% (tests/eval_knowledge.py, two fact sets, one seed).
 REPLAY_QUESTIONS = [
     "What is the capital of Japan?", "What is the capital of South Korea?", "What is the capital of Canada?",
     "What is the capital of Sweden?", "What is the capital of Poland?", "What is the capital of Norway?",
-    "What is the capital of Austria?",
+    "What is the capital of Austria?", "What is the capital of Italy?", "What is the capital of Spain?",
+    "What is the capital of India?", "What is the capital of Brazil?", "What is the capital of Kenya?",
+    "What is the capital of Argentina?", "What is the capital of Thailand?", "What is the capital of Greece?",
+    "What is the capital of Portugal?", "What is the capital of Turkey?", "What is the capital of Mexico?",
+    "What is the capital of Peru?", "What is the capital of Ireland?", "What is the capital of Finland?",
     "What is the largest planet in the solar system?", "What is the chemical symbol for gold?",
-    "How many days are in a week?", "What is 7 times 8?", "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?", "What language is spoken in Brazil?",
-    "What is the freezing point of water?", "How many continents are there?",
-    "What gas do plants absorb from the air?", "What is the opposite of hot?",
-    "What color is the sky on a clear day?", "Who painted the Mona Lisa?", "What is the square root of 81?",
-    "Which ocean is the largest?", "What is the main ingredient of bread?",
-    "How many legs does a spider have?", "What is the opposite of big?", "What do bees make?",
-    "Name a primary color.",
-    "What is H2O?", "Write a short greeting for a friend.", "Who are you?",
-    "中国的首都是哪里？", "一年有多少个月？", "太阳从哪个方向升起？", "水的化学式是什么？",
-    "1加1等于几？", "请介绍一下你自己。", "世界上最高的山是什么？", "苹果是什么颜色的？",
+    "How many days are in a week?", "How many hours are in a day?", "How many sides does a triangle have?",
+    "What is 7 times 8?", "What is 15 minus 7?", "What is 100 divided by 4?", "What is 6 plus 9?",
+    "What is the square root of 81?", "What is the smallest prime number?",
+    "What is the boiling point of water in Celsius?", "What is the freezing point of water?",
+    "Who wrote Romeo and Juliet?", "Who painted the Mona Lisa?", "What is the largest desert in the world?",
+    "Which ocean is the largest?", "What is the longest river in the world?", "What is the main ingredient of bread?",
+    "What color is the sky on a clear day?", "What is the currency of the United States?",
+    "What is the currency of the United Kingdom?", "What language is spoken in Germany?",
+    "What is the opposite of hot?", "What is the opposite of big?", "What is the opposite of left?",
+    "What is the opposite of day?", "What is the opposite of fast?", "What is the plural of mouse?",
+    "What do bees make?", "Write a short greeting for a friend.", "Who are you?",
+    "中国的首都是哪里？", "美国的首都是哪里？", "英国的首都是哪里？", "一年有多少个月？", "一周有几天？", "一天有多少个小时？",
+    "一小时有多少分钟？", "三角形有几条边？", "1加1等于几？", "2乘以3等于多少？", "水的化学式是什么？", "地球绕着什么转？",
+    "《红楼梦》的作者是谁？", "长城在哪个国家？", "苹果是什么颜色的？", "请介绍一下你自己。",
 ]
 REPLAY_MAX_TOKENS = 32  # the start of an answer is what replay must keep; longer costs training time
 
@@ -79,7 +87,7 @@ DEFAULTS = {
     "lora_dropout": 0.05,
     "target_modules": ["q_proj", "v_proj"],
     "target_layers": [20, 21, 22, 23],  # negative indices count from the top: -1 is the last layer
-    "lr": 5e-3,
+    "lr": 2e-3,
     "epoch": 15,  # at most; see early_stop
     "batch_size": 4,
     "val_ratio": 0.2,
@@ -690,10 +698,10 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     """Record, keep the best adapter, save the state for --resume, print; True to stop early."""
     for key, value in scores.items():
         run.history[key].append(value)
-    # best: the most trained answers recalled, then the most held-out phrasings, then the closest to
-    # the teacher on questions kept out of training, then the least drift
-    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["teacher_kl"] or 0.0),
-           -(scores["drift"] or 0.0)]
+    # best: the most trained answers recalled, then the most held-out phrasings, then the least KL
+    # to what the base model says: reading the facts (teacher_kl, on questions kept out of training)
+    # and on ordinary questions (drift); both are KL per answer token, so they add up
+    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["teacher_kl"] or 0.0) - (scores["drift"] or 0.0)]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
         with replaced_atomically(best_adapter_dir(run.config)) as tmp:
@@ -807,7 +815,7 @@ def check_config(config, path):
          'a list of names, e.g. ["q_proj", "v_proj"]')
     need("target_layers", isinstance(config["target_layers"], list) and config["target_layers"]
          and all(whole(i) for i in config["target_layers"]), "a list of layer numbers, e.g. [20, 21, 22, 23]")
-    need("lr", number(config["lr"]) and config["lr"] > 0, "a number > 0, e.g. 0.005")
+    need("lr", number(config["lr"]) and config["lr"] > 0, "a number > 0, e.g. 0.002")
     need("epoch", whole(config["epoch"]) and config["epoch"] > 0, "a whole number > 0")
     need("batch_size", whole(config["batch_size"]) and config["batch_size"] > 0, "a whole number > 0")
     need("val_ratio", number(config["val_ratio"]) and 0 <= config["val_ratio"] < 1, "a number in [0, 1)")

@@ -125,7 +125,7 @@ SUBPROCESS_ENV = dict(os.environ, TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
 
 def run(directory, *args, stdin=None):
     return subprocess.run([sys.executable, "train.py", *args], cwd=directory, input=stdin, capture_output=True,
-                          text=True, timeout=300, env=SUBPROCESS_ENV)
+                          text=True, timeout=600, env=SUBPROCESS_ENV)
 
 
 def start(directory, *args):

@@ -1,6 +1,6 @@
 """Does training teach facts, not sentences? Measured like a user (run by hand, not in CI).
 
-    python tests/eval_knowledge.py                          # 3 fact sets x 3 seeds, default config.json
+    python tests/eval_knowledge.py                          # 4 fact sets x 3 seeds, default config.json
     python tests/eval_knowledge.py --sets held_out --seeds 7
     python tests/eval_knowledge.py --set lr=0.003           # a recipe change, as a config.json key
 

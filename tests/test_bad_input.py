@@ -38,6 +38,7 @@ def expect_failure(capsys, call, *phrases):
     ('{"replay": "yes"}', ['replay = "yes" must be true or false']),
     ('{"question_variants": -1}', ["question_variants = -1 must be a whole number >= 0"]),
     ('{"question_noise": "a lot"}', ['question_noise = "a lot" must be a number >= 0']),
+    ('{"teacher_questions": 2.5}', ["teacher_questions = 2.5 must be a whole number >= 0 (0 turns distillation off)"]),
     ('[1, 2]', ["must be a JSON object"]),
 ])
 def test_bad_config(tmp_path, capsys, text, phrases):

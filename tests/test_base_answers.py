@@ -14,6 +14,12 @@ def lm(tiny_model_dir):
     return train.LM.of(model, tokenizer, path=str(tiny_model_dir))
 
 
+@pytest.fixture(autouse=True)
+def fewer_replay_questions(monkeypatch):
+    """A few of the replay questions: what is tested is how answers are made and cached, not the list."""
+    monkeypatch.setattr(train, "REPLAY_QUESTIONS", train.REPLAY_QUESTIONS[:6])
+
+
 @pytest.fixture
 def asked(monkeypatch):
     """The questions the base model is asked, in order; the answers are the real generate()'s."""

@@ -43,8 +43,8 @@ def examples(lm, known, seed=0):
     train_set = [known_pair(lm, random_ids(9, g), 3, i) if known else unknown_pair(random_ids(9, g), random_ids(2, g), i)
                  for i in range(4)]
     replay, drift = [[train.make_example(random_ids(9, g), random_ids(4, g)) for _ in range(n)] for n in (4, 3)]
-    data = train.Examples(train_set, [], [], replay, drift)
-    train.set_base_targets(lm, replay + drift)
+    data = train.Examples(train_set, [], [], [], [], replay, drift)
+    train.set_soft_targets(lm, replay + drift)
     return data
 
 
@@ -136,24 +136,25 @@ def test_weights_blown_up_by_a_step_count_as_diverged_even_when_every_score_is_f
     assert train.not_finite(scores, lm.model) == "the LoRA weights"
 
 
-def test_the_best_epoch_is_chosen_by_recall_then_held_out_recall_then_least_drift(tmp_path):
+def test_the_best_epoch_is_chosen_by_recall_then_held_out_recall_then_least_kl_to_the_base_model(tmp_path):
     lm = tiny_lm()
     data = examples(lm, known=False)
     optimizer = torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad])
     config = dict(train.DEFAULTS, output_dir=str(tmp_path), early_stop=False)
     run = train.Run(config, data, optimizer, train.random.Random(0), time.time())
-    epochs = [(0.5, None, 0.1),  # (train recall, held-out recall, drift): least drift, but not every answer
-              (1.0, 0.5, 0.3),
-              (1.0, 0.5, 0.2),  # best: every answer, as many held-out phrasings as any, least drift of those
-              (1.0, 0.5, 0.25),
-              (0.75, 1.0, 0.0)]  # more held-out phrasings do not make up for a trained answer lost
-    for epoch, (recall, val_recall, drift) in enumerate(epochs, 1):
-        scores = {"train_loss": 1.0, "train_recall": recall, "val_loss": 1.0, "val_recall": val_recall, "drift": drift}
+    epochs = [(0.5, None, 0.1, 0.0),  # (train recall, held-out recall, teacher KL, drift): least KL, not every answer
+              (1.0, 0.5, 0.3, 0.1),
+              (1.0, 0.5, 0.1, 0.2),  # best: every answer, as many held-out phrasings as any, least KL: 0.1 + 0.2
+              (1.0, 0.5, 0.05, 0.3),  # closer to the teacher, but further from the base model on ordinary questions
+              (0.75, 1.0, 0.0, 0.0)]  # more held-out phrasings do not make up for a trained answer lost
+    for epoch, (recall, val_recall, teacher_kl, drift) in enumerate(epochs, 1):
+        scores = {"train_loss": 1.0, "train_recall": recall, "val_loss": 1.0, "val_recall": val_recall,
+                  "teacher_kl": teacher_kl, "drift": drift}
         train.end_epoch(run, lm, epoch, time.time(), scores)
     assert run.best_epoch == 3
     train.end_epoch(run, lm, 6, time.time(), {"train_loss": 1.0, "train_recall": 1.0, "val_loss": 1.0,
-                                               "val_recall": 1.0, "drift": 0.9})  # more held out beats drift
-    assert run.best_epoch == 6
+                                               "val_recall": 1.0, "teacher_kl": 0.9, "drift": 0.9})
+    assert run.best_epoch == 6  # more held out beats any KL
 
 
 def test_validation_runs_with_dropout_off():
