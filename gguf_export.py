@@ -47,8 +47,12 @@ def write_gguf(model, tokenizer, path, name, out_type="f16"):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-    finally:
         writer.close()
+    except BaseException:  # a full disk, Ctrl-C, a tensor without a name: leave nothing behind
+        writer.close()
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
     os.replace(path + ".tmp", path)
 
 

@@ -48,3 +48,10 @@ def test_an_unwritable_place_is_one_line_before_the_model_loads(tmp_path, tiny_m
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --export {tmp_path}/missing/m.gguf: cannot write into {tmp_path}/missing "
                              f"(missing or not writable); choose another place\n")
+
+
+def test_export_before_training_says_train_first(tmp_path, tiny_model_dir):
+    work = project(tmp_path / "p", tiny_model_dir, earlier_adapter=False)
+    result = run(work, "--export", str(tmp_path / "m.gguf"))
+    assert result.returncode == 2 and not (tmp_path / "m.gguf").exists()
+    assert result.stderr == "error: no trained adapter in output/best_adapter: run `python train.py` first\n"
