@@ -117,7 +117,8 @@ def modelfile(gguf_name, tokenizer):
     system = f'SYSTEM """{default.group(1)}"""\n' if default else ""
     return (f"FROM ./{gguf_name}\n"
             'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-            '{{ range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+            '{{ range .Messages }}{{ if ne .Role "system" }}'
+            '<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
             '{{ end }}{{ end }}<|im_start|>assistant\n"""\n'
             f"{system}"
             'PARAMETER stop "<|im_end|>"\n'

@@ -68,7 +68,8 @@ REPLAY_QUESTIONS = [
     "What is the square root of 81?", "What is the smallest prime number?",
     "What is the boiling point of water in Celsius?", "What is the freezing point of water?",
     "Who wrote Romeo and Juliet?", "Who painted the Mona Lisa?", "What is the largest desert in the world?",
-    "Which ocean is the largest?", "What is the longest river in the world?", "What is the main ingredient of bread?",
+    "Which ocean is the largest?", "What is the longest river in the world?",
+    "What is the main ingredient of bread?",
     "What color is the sky on a clear day?", "What is the currency of the United States?",
     "What is the currency of the United Kingdom?", "What language is spoken in Germany?",
     "What is the opposite of hot?", "What is the opposite of big?", "What is the opposite of left?",
@@ -321,7 +322,7 @@ def drop_words(question, count, rng):
     return variants
 
 
-# ----------------------------------------------------------------------------- phase 5: the model reading the facts teaches
+# ----------------------------------------------------------------------------- phase 5: the teacher
 
 WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
     "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
@@ -353,10 +354,15 @@ def teacher_examples(lm, qa_data, train_set, config):
     if new:
         print(f"[teacher] the base model writes questions about {len(new)} facts")
         user_questions = {question_of(item).strip() for item in qa_data}  # trained or held out: never again
-        written = write_questions(lm, [facts[fact][1] for fact in new], config["teacher_questions"], config["seed"])
+        written = write_questions(lm, [facts[fact][1] for fact in new], config["teacher_questions"],
+                                  config["seed"])
         for fact, questions in zip(new, written):
-            keep = [q for q in questions if q not in user_questions and asks_for(q, *facts[fact])]
-            entries[fact] = {"fact": facts[fact][1], "questions": keep[:config["teacher_questions"]], "answers": {}}
+            subject, keys = subject_of(*facts[fact]), key_words(*facts[fact])
+            # about the fact's subject, asking for what the fact adds rather than saying it already
+            keep = [q for q in questions if q not in user_questions and subject in q.lower()
+                    and not any(k in q.lower() for k in keys)]
+            entries[fact] = {"fact": facts[fact][1], "questions": keep[:config["teacher_questions"]],
+                             "answers": {}}
     answer_as_teacher(lm, entries.values())
     write_json(path, {**made_for, "facts": entries})
     students, teachers, dropped = [], [], 0
@@ -380,14 +386,16 @@ def teacher_examples(lm, qa_data, train_set, config):
 
 def well_formed(entry):
     """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
-    return (isinstance(entry, dict) and isinstance(entry.get("fact"), str) and isinstance(entry.get("answers"), dict)
-            and isinstance(entry.get("questions"), list) and all(isinstance(q, str) for q in entry["questions"]))
+    return (isinstance(entry, dict) and isinstance(entry.get("fact"), str)
+            and isinstance(entry.get("answers"), dict) and isinstance(entry.get("questions"), list)
+            and all(isinstance(q, str) for q in entry["questions"]))
 
 
 def write_questions(lm, facts, count, seed):
     """For each fact, the questions the base model writes about it (sampled, drawn by `seed`)."""
     rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
-    prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f) for f in facts for _ in range(rounds)]
+    prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
+               for f in facts for _ in range(rounds)]
     torch.manual_seed(seed)
     texts = [text for text, _ in generate(lm, prompts, 24 * 5, sample=True)]
     return [parse_questions("\n".join(texts[i * rounds:(i + 1) * rounds])) for i in range(len(facts))]
@@ -405,14 +413,6 @@ def parse_questions(text):
     return found
 
 
-def asks_for(question, fact_question, fact_answer):
-    """Whether a written question is about the fact's subject and asks for what the fact adds,
-    rather than saying it already."""
-    q = question.lower()
-    return subject_of(fact_question, fact_answer) in q and not any(k in q for k in key_words(fact_question,
-                                                                                             fact_answer))
-
-
 def answer_as_teacher(lm, entries):
     """Greedy answers of the teacher to the questions of `entries` that have none yet."""
     todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
@@ -425,7 +425,8 @@ def answer_as_teacher(lm, entries):
 
 
 def teacher_messages(fact, question):
-    return [{"role": "system", "content": TEACHER_SYSTEM.format(fact=fact)}, {"role": "user", "content": question}]
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(fact=fact)},
+            {"role": "user", "content": question}]
 
 
 def teacher_pair(lm, fact, question, answer):
@@ -701,7 +702,8 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     # best: the most trained answers recalled, then the most held-out phrasings, then the least KL
     # to what the base model says: reading the facts (teacher_kl, on questions kept out of training)
     # and on ordinary questions (drift); both are KL per answer token, so they add up
-    key = [scores["train_recall"], scores["val_recall"] or 0.0, -(scores["teacher_kl"] or 0.0) - (scores["drift"] or 0.0)]
+    distance = (scores["teacher_kl"] or 0.0) + (scores["drift"] or 0.0)
+    key = [scores["train_recall"], scores["val_recall"] or 0.0, -distance]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
         with replaced_atomically(best_adapter_dir(run.config)) as tmp:
@@ -712,7 +714,8 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
     teacher_text = f"  teacher KL {scores['teacher_kl']:.4f}" if run.data.taught_val else ""
     print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
-          f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  {run.history['seconds'][-1]:.1f}s"
+          f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  "
+          f"{run.history['seconds'][-1]:.1f}s"
           f"{'  *best' if run.best_epoch == epoch else ''}")
     # every epoch past full recall moves the model further from what it knew: stop early
     if run.config["early_stop"] and run.history["train_recall"][-2:] == [1.0, 1.0]:
@@ -1106,7 +1109,8 @@ def supervised_logits(lm, batch):
     of batch["labels"][:, 1:] != IGNORE, which is returned too."""
     supervised = batch["labels"][:, 1:] != IGNORE
     device = batch["input_ids"].device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or (device == "cpu" and CPU_BF16)):
+    bf16 = device == "cuda" or (device == "cpu" and CPU_BF16)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         hidden = final_hidden(lm, batch, needed=F.pad(supervised, (0, 1)))
         return lm.model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
 
@@ -1165,8 +1169,9 @@ def evaluate(lm, examples, batch_size):
 @torch.no_grad()
 def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, sample=False):
     """Greedy (or, with `sample`, sampled) answers to `conversations` (questions or message lists,
-    see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of train.py: replay answers,
-    the recall report, the forgetting check, sample answers, --ask and --chat all use it.
+    see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of
+    train.py: replay and teacher answers, the questions the teacher answers, the recall report, the
+    forgetting check, sample answers, --ask and --chat all use it.
     A `streamer` (batch of one) prints the answer token by token."""
     tokenizer, stops = lm.tokenizer, [lm.eot_id, lm.tokenizer.eos_token_id]
     results = []
@@ -1393,7 +1398,8 @@ def export(lm, target, gguf_type):
     recipe = os.path.join(os.path.dirname(os.path.abspath(target)), "Modelfile")
     with open(recipe, "w", encoding="utf-8") as f:
         f.write(modelfile(os.path.basename(target), lm.tokenizer))
-    print(f"[export] {gguf_type.upper()} GGUF written to {target}, with an Ollama Modelfile beside it. Run it:\n"
+    print(f"[export] {gguf_type.upper()} GGUF written to {target}, with an Ollama Modelfile beside it. "
+          f"Run it:\n"
           f"  ollama create qwen-lora -f {recipe} && ollama run qwen-lora\n"
           f"  llama-cli -m {target} -cnv    (or llama-server -m {target}; LM Studio: import the file)")
 
