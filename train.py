@@ -396,8 +396,9 @@ def write_questions(lm, facts, count, seed):
     rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
     prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
                for f in facts for _ in range(rounds)]
-    torch.manual_seed(seed)
-    texts = [text for text, _ in generate(lm, prompts, 24 * 5, sample=True)]
+    with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
+        torch.manual_seed(seed)
+        texts = [text for text, _ in generate(lm, prompts, 24 * 5, sample=True)]
     return [parse_questions("\n".join(texts[i * rounds:(i + 1) * rounds])) for i in range(len(facts))]
 
 

@@ -96,7 +96,9 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
 
 def test_questions_are_sampled_by_the_seed(lm):
     facts = ["Zorblat's cat is called Pimbo."]
+    state = torch.get_rng_state()
     assert train.write_questions(lm, facts, 5, seed=1) == train.write_questions(lm, facts, 5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # training draws the same, whether the questions are cached or not
     torch.manual_seed(1)
     first = train.generate(lm, ["Write questions."], 12, sample=True)
     torch.manual_seed(1)
