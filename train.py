@@ -328,18 +328,19 @@ WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's lang
     "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
     "zh": "请写出5个这句话能回答的不同问题，每行一个：\n{fact}",
 }
-TEACHER_SYSTEM = "Answer the user's question in one sentence, using this fact:\n{fact}"
+TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
 TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
+TEACHER_READS_TOKENS = 512  # a teacher reads its fact and the facts most like it, up to this many tokens
 
 
 def teacher_examples(lm, qa_data, train_set, config):
     """Prompt distillation (Kujanpää et al. 2024): for each fact the base model writes questions the
-    fact answers, and the teacher (the base model with the fact in its system prompt) answers them.
-    The student (the model with LoRA, no fact in its prompt) learns the teacher's distribution at
-    every token of those answers: the fact asked in words the user never wrote. Made once, cached
-    in output/teacher_questions.json, readable and editable: a question added there is answered by
-    the teacher and trained next run, one deleted is gone. Returns (train, validation) examples:
-    a few are kept out of training to validate the KL to the teacher."""
+    fact answers, and the teacher (the base model with the facts in its system prompt, see
+    teacher_reading) answers them. The student (the model with LoRA, no facts in its prompt) learns
+    the teacher's distribution at every token of those answers: the facts asked in words the user
+    never wrote. Made once, cached in output/teacher_questions.json, readable and editable: a
+    question added there is answered by the teacher and trained next run, one deleted is gone.
+    Returns (train, validation) examples: a few are kept out to validate the KL to the teacher."""
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
@@ -349,6 +350,7 @@ def teacher_examples(lm, qa_data, train_set, config):
     facts = {}  # fact -> (question, answer) of its first trained pair
     for e in train_set:
         facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
+    keys = {facts[fact][1]: key_words(*facts[fact]) for fact in facts}  # by the sentence a teacher reads
     entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
     new = [fact for fact in facts if entries[fact] is None]
     if new:
@@ -357,21 +359,26 @@ def teacher_examples(lm, qa_data, train_set, config):
         written = write_questions(lm, [facts[fact][1] for fact in new], config["teacher_questions"],
                                   config["seed"])
         for fact, questions in zip(new, written):
-            subject, keys = subject_of(*facts[fact]), key_words(*facts[fact])
+            subject, own_keys = subject_of(*facts[fact]), keys[facts[fact][1]]
             # about the fact's subject, asking for what the fact adds rather than saying it already
+            # ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X attend?")
             keep = [q for q in questions if q not in user_questions and subject in q.lower()
-                    and not any(k in q.lower() for k in keys)]
+                    and not (own_keys and carries(q, own_keys))]
             entries[fact] = {"fact": facts[fact][1], "questions": keep[:config["teacher_questions"]],
                              "answers": {}}
+    for fact, entry in entries.items():
+        reads = teacher_reading(lm, facts[fact][1], list(keys))
+        if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
+            entry.update(reads=reads, answers={})
     answer_as_teacher(lm, entries.values())
     write_json(path, {**made_for, "facts": entries})
     students, teachers, dropped = [], [], 0
     for fact, entry in entries.items():
-        keys = key_words(*facts[fact])
         for q in entry["questions"]:
             answer = entry["answers"][q]
-            if answer and carries(answer, keys):
-                student, teacher = teacher_pair(lm, entry["fact"], q, answer)
+            # a question written about one fact may be answered by another the teacher reads: kept too
+            if answer and any(carries(answer, keys[read]) for read in entry["reads"]):
+                student, teacher = teacher_pair(lm, entry["reads"], q, answer)
                 students.append(dict(student, fact=fact))
                 teachers.append(teacher)
             else:
@@ -379,9 +386,26 @@ def teacher_examples(lm, qa_data, train_set, config):
     set_soft_targets(lm, students, teachers)
     kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
-          f"{dropped} left out for not carrying their fact; in {path}")
+          f"{dropped} left out for carrying no fact; in {path}")
     return ([e for i, e in enumerate(students) if i not in kept_out],
             [e for i, e in enumerate(students) if i in kept_out])
+
+
+def teacher_reading(lm, fact, sentences):
+    """The facts a teacher reads (data.py answers): `fact`, then the other `sentences` by how many
+    words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of a few dozen facts
+    fits whole. Reading only its own fact, the teacher answered questions it was written for that
+    another fact answers with its own fact ("What is X's job?" -> "X plays the cello"), and the
+    student learned those mix-ups (en_person: other words 75-79%)."""
+    own = words_of(fact)
+    others = sorted((s for s in sentences if s != fact), key=lambda s: -len(own & words_of(s)))
+    reads, used = [fact], len(lm.tokenizer(fact).input_ids)
+    for sentence in others:
+        used += len(lm.tokenizer(sentence).input_ids) + 1
+        if used > TEACHER_READS_TOKENS:
+            break
+        reads.append(sentence)
+    return reads
 
 
 def well_formed(entry):
@@ -419,23 +443,23 @@ def answer_as_teacher(lm, entries):
     todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
     if not todo:
         return
-    print(f"[teacher] the base model reading each fact answers {len(todo)} questions")
-    answers = generate(lm, [teacher_messages(entry["fact"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
+    print(f"[teacher] the base model reading the facts answers {len(todo)} questions")
+    answers = generate(lm, [teacher_messages(entry["reads"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
     for (entry, q), (answer, finished) in zip(todo, answers):
         entry["answers"][q] = answer if finished else ""
 
 
-def teacher_messages(fact, question):
-    return [{"role": "system", "content": TEACHER_SYSTEM.format(fact=fact)},
+def teacher_messages(facts, question):
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))},
             {"role": "user", "content": question}]
 
 
-def teacher_pair(lm, fact, question, answer):
-    """The same answer after the student's prompt (the question alone) and the teacher's (the fact
+def teacher_pair(lm, facts, question, answer):
+    """The same answer after the student's prompt (the question alone) and the teacher's (the facts
     in the system prompt, then the question)."""
     student = encode(lm, question, answer)
     answer_ids = student["input_ids"][len(prompt_ids(lm.tokenizer, question)):]
-    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(fact, question)), answer_ids)
+    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
 
 
 def has_cjk(text):
@@ -455,17 +479,21 @@ def subject_of(question, answer):
 
 
 def key_words(question, answer):
-    """What an answer adds to its question: its words (in Chinese, pairs of characters) that the
-    question does not have."""
-    q = question.lower()
-    words = set(re.findall(r"[a-z0-9]+", answer.lower()))
-    pairs = {run[i:i + 2] for run in re.findall(r"[\u4e00-\u9fff]+", answer) for i in range(len(run) - 1)}
-    return sorted(w for w in words | pairs if w not in q and (len(w) >= 3 or w.isdigit() or has_cjk(w)))
+    """What an answer adds to its question: its words that the question does not have."""
+    return sorted(w for w in words_of(answer) if w not in question.lower())
 
 
-def carries(answer, keys):
-    """Whether a teacher's answer holds at least half of its fact's key words."""
-    found = sum(k in answer.lower() for k in keys)
+def words_of(text):
+    """The words of `text` that say something: lower-case words of 3 or more letters, numbers, and
+    in Chinese, pairs of characters."""
+    words = {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 or w.isdigit()}
+    chinese = re.findall(r"[\u4e00-\u9fff]+", text)
+    return words | {run[i:i + 2] for run in chinese for i in range(len(run) - 1)}
+
+
+def carries(text, keys):
+    """Whether `text` (a teacher's answer, a written question) holds at least half of a fact's key words."""
+    found = sum(k in text.lower() for k in keys)
     return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
 
 
@@ -531,14 +559,15 @@ def cache_prefix(lm, examples, batch_size=16):
     and deterministic (eval mode), so it is computed once instead of every step."""
     decoder = lm.model.get_decoder()
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))  # little padding to compute
-    for start in range(0, len(by_length), batch_size):
-        chunk = by_length[start:start + batch_size]
-        batch = collate(chunk, lm.pad_id, lm.model.device)
-        with only_layers(decoder, 0, lm.first_lora_layer):
-            hidden = decoder(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
-        for row, e in enumerate(chunk):
-            e["prefix"] = hidden[row, :len(e["input_ids"])].clone()
+    with frozen_weights_in_bf16(lm, decoder.layers[:lm.first_lora_layer]), bf16_products(lm):
+        for start in range(0, len(by_length), batch_size):
+            chunk = by_length[start:start + batch_size]
+            batch = collate(chunk, lm.pad_id, lm.model.device)
+            with only_layers(decoder, 0, lm.first_lora_layer):
+                hidden = decoder(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+            for row, e in enumerate(chunk):
+                e["prefix"] = hidden[row, :len(e["input_ids"])].clone()
 
 
 @torch.no_grad()
@@ -547,11 +576,12 @@ def check_prefix_exact(lm, examples):
     Catches architectures whose forward does more than run its layers (e.g. scales inputs_embeds)."""
     set_lora_training(lm.model, False)
     batch = collate(examples, lm.pad_id, lm.model.device)
-    cached = final_hidden(lm, batch)
-    full = final_hidden(lm, {k: v for k, v in batch.items() if k != "prefix"})
+    with bf16_products(lm):  # as the prefix was computed
+        cached = final_hidden(lm, batch)
+        full = final_hidden(lm, {k: v for k, v in batch.items() if k != "prefix"})
     mask = batch["attention_mask"].bool()
     error = ((cached - full)[mask].abs().max() / full[mask].abs().max().clamp_min(1e-6)).item()
-    tolerance = 1e-4 if full.dtype == torch.float32 else 2e-2
+    tolerance = 2e-2 if uses_bf16(lm) or lm.model.dtype == torch.bfloat16 else 1e-4
     if error < tolerance:
         return None
     return f"the cached forward differs from the full one (relative {error:.1e})"
@@ -639,35 +669,38 @@ def fit(lm, data, config, started, resume):
     if config["question_noise"] and "prefix" not in data.train[0]:
         print("[noise] off: question_noise goes into the frozen-prefix cache, which is off")
     stop = StopFlag()  # Ctrl-C: finish the current step, then wrap up
-    for epoch in range(len(run.history["train_loss"]) + 1, config["epoch"] + 1):
-        epoch_started = time.time()
-        set_lora_training(lm.model, True)
-        batches = length_batches(data.trained(), config["batch_size"], run.rng)
-        losses, recalled = [], []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
-        for batch in bar:
-            loss, hits = batch_loss(lm, batch, config["question_noise"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            # recall comes free with the training pass: was the whole answer right at this step?
-            # (a separate pass with dropout off would be exact but costs ~40% of an epoch)
-            recalled += [hit for e, hit in zip(batch, hits) if "index" in e]  # data.py's pairs only
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if stop.reason or not math.isfinite(losses[-1]):
+    decoder = lm.model.get_decoder()
+    trained_part = [*decoder.layers[lm.first_lora_layer:], lm.model.get_output_embeddings()]
+    with frozen_weights_in_bf16(lm, trained_part):
+        for epoch in range(len(run.history["train_loss"]) + 1, config["epoch"] + 1):
+            epoch_started = time.time()
+            set_lora_training(lm.model, True)
+            batches = length_batches(data.trained(), config["batch_size"], run.rng)
+            losses, recalled = [], []
+            bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
+            for batch in bar:
+                loss, hits = batch_loss(lm, batch, config["question_noise"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                # recall comes free with the training pass: was the whole answer right at this step?
+                # (a separate pass with dropout off would be exact but costs ~40% of an epoch)
+                recalled += [hit for e, hit in zip(batch, hits) if "index" in e]  # data.py's pairs only
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if stop.reason or not math.isfinite(losses[-1]):
+                    break
+            if stop.reason:  # an unfinished epoch is not recorded; the best adapter so far stays
                 break
-        if stop.reason:  # an unfinished epoch is not recorded; the best adapter so far stays
-            break
-        scores = {"train_loss": sum(losses) / len(losses), "train_recall": sum(recalled) / len(recalled),
-                  **validate(lm, data, config["batch_size"])}
-        broken = not_finite(scores, lm.model)
-        if broken:  # never save or record a diverged model
-            stop.reason = (f"training diverged in epoch {epoch} ({broken} became nan or inf): "
-                           f"lower lr in config.json and train again")
-            break
-        if end_epoch(run, lm, epoch, epoch_started, scores):
-            break
+            scores = {"train_loss": sum(losses) / len(losses), "train_recall": sum(recalled) / len(recalled),
+                      **validate(lm, data, config["batch_size"])}
+            broken = not_finite(scores, lm.model)
+            if broken:  # never save or record a diverged model
+                stop.reason = (f"training diverged in epoch {epoch} ({broken} became nan or inf): "
+                               f"lower lr in config.json and train again")
+                break
+            if end_epoch(run, lm, epoch, epoch_started, scores):
+                break
     stop.release()
     run.train_seconds = run.seconds_so_far()
     if stop.reason or not run.history["train_loss"]:
@@ -1109,17 +1142,43 @@ def supervised_logits(lm, batch):
     """fp32 logits at the supervised positions only (position t predicts token t+1), in the order
     of batch["labels"][:, 1:] != IGNORE, which is returned too."""
     supervised = batch["labels"][:, 1:] != IGNORE
-    device = batch["input_ids"].device.type
-    bf16 = device == "cuda" or (device == "cpu" and CPU_BF16)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    with bf16_products(lm):
         hidden = final_hidden(lm, batch, needed=F.pad(supervised, (0, 1)))
         return lm.model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
 
 
 # bf16 matrix products on CPUs that have them (AVX512-BF16, AMX): the LM head runs ~3x, a training step ~1.4x
-# faster than in fp32. The model's weights, the LoRA tensors and the loss stay fp32.
+# faster than in fp32. The LoRA tensors and the loss stay fp32, and so do the weights that generation uses.
 CPU_BF16 = any(getattr(torch.cpu, check, lambda: False)()
                for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def uses_bf16(lm):
+    device = lm.model.device.type
+    return device == "cuda" or (device == "cpu" and CPU_BF16)
+
+
+def bf16_products(lm):
+    """Matrix products in bf16 (autocast) where the hardware has them, everything else in fp32."""
+    return torch.autocast(lm.model.device.type, dtype=torch.bfloat16, enabled=uses_bf16(lm))
+
+
+@contextmanager
+def frozen_weights_in_bf16(lm, modules):
+    """Autocast casts a weight to bf16 at every product (it keeps the cast only for trained tensors),
+    and on a CPU the cast of a frozen weight costs about as much as the product. So while the block
+    runs, the frozen nn.Linear weights of `modules` are bf16 copies, and the fp32 ones come back
+    after (a tied LM head gets a copy of its own; the input embedding stays fp32)."""
+    linears = [m for module in modules for m in module.modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad] if uses_bf16(lm) else []
+    saved = [(m, m.weight) for m in linears]
+    for m in linears:
+        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, weight in saved:
+            m.weight = weight
 
 
 def kl_to_targets(logits, target_ids, target_probs):
@@ -1176,18 +1235,21 @@ def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, sa
     A `streamer` (batch of one) prints the answer token by token."""
     tokenizer, stops = lm.tokenizer, [lm.eot_id, lm.tokenizer.eos_token_id]
     results = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
-        width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
-        ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.model.device)
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
-                                **(dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else
-                                   dict(do_sample=False)))
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in stops), len(row))
-            results.append((tokenizer.decode(row[:stop], skip_special_tokens=True).strip(), stop < len(row)))
+    with frozen_weights_in_bf16(lm, [lm.model]), bf16_products(lm):  # ~1.7x faster on this CPU
+        for start in range(0, len(conversations), batch_size):
+            prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+            width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
+            ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                device=lm.model.device)
+            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
+                                    **(dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else
+                                       dict(do_sample=False)))
+            for row in out[:, width:].tolist():
+                stop = next((i for i, t in enumerate(row) if t in stops), len(row))
+                text = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
+                results.append((text, stop < len(row)))
     return results
 
 

@@ -79,9 +79,8 @@ class Reader:
         return train.ask(train.LM.of(model or self.model, self.tokenizer), questions, max_new_tokens=48)
 
     def reading(self, facts, questions):
-        """The base model with every fact of the set in its system prompt, as train.py's teacher reads one."""
-        system = {"role": "system", "content": train.TEACHER_SYSTEM.format(fact="\n".join(a for _, a, _, _ in facts))}
-        return self.ask([[system, {"role": "user", "content": q}] for q in questions])
+        """The base model with every fact of the set in its system prompt, as train.py's teacher reads them."""
+        return self.ask([train.teacher_messages([a for _, a, _, _ in facts], q) for q in questions])
 
     def with_adapter(self, adapter_dir, questions):
         from peft import PeftModel
@@ -155,7 +154,8 @@ def main():
         print(f"| {name} | " + " | ".join(f"{m:.0%}" for m in means[:-1]) + f" | {means[-1]:.0f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"seeds": args.seeds, "config_changes": overrides, "runs": runs}, f, ensure_ascii=False, indent=1)
+        json.dump({"seeds": args.seeds, "config_changes": overrides, "runs": runs,
+                   "base_ordinary": dict(zip([q for q, _ in ORDINARY], reader.ordinary))}, f, ensure_ascii=False, indent=1)
 
 
 if __name__ == "__main__":

@@ -127,13 +127,24 @@ FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_
              "held_out": HELD_OUT}
 
 # Ordinary questions, with the word a right answer contains (or a tuple of such words); a run counts
-# only those the base model answers right before training. None is in train.py's REPLAY_QUESTIONS.
+# only those the base model answers right before training. None is in train.py's REPLAY_QUESTIONS or
+# ORDINARY_QUESTIONS.
 ORDINARY = [
     ("What is the capital of France?", "Paris"), ("What is the capital of England?", "London"),
     ("What is the capital of China?", "Beijing"), ("What is the capital of Russia?", "Moscow"),
     ("What is the capital of Egypt?", "Cairo"), ("What is the capital of Australia?", "Canberra"),
     ("How many legs does a dog have?", ("four", " 4")), ("What is the largest mammal?", "whale"),
-    ("Who wrote Hamlet?", "Shakespeare"), ("What is the currency of Japan?", "Yen"),
+    ("Who wrote Hamlet?", "Shakespeare"), ("What is the currency of Japan?", ("Yen", "JPY")),
     ("Who discovered gravity?", "Newton"), ("What is the main language spoken in Mexico?", "Spanish"),
-    ("What is the opposite of up?", "down"), ("What do we call a baby cat?", "kitten"),
+    ("What is the opposite of up?", "down"),
+    ("What is the capital of the Netherlands?", "Amsterdam"), ("What is the capital of Denmark?", "Copenhagen"),
+    ("What is the capital of Hungary?", "Budapest"), ("What is the capital of Cuba?", "Havana"),
+    ("What is the capital of Chile?", "Santiago"), ("What is the tallest mountain in the world?", "Everest"),
+    ("How many months are in a year?", ("12", "twelve")),
+    ("What is 12 plus 5?", "17"), ("What is the opposite of happy?", ("sad", "unhappy")),
+    ("What is the opposite of cold?", ("hot", "warm")),
+    ("What is the plural of child?", "children"), ("What language is spoken in France?", "French"),
+    ("Who wrote Harry Potter?", "Rowling"),
+    ("法国的首都是哪里？", "巴黎"), ("俄罗斯的首都是哪里？", "莫斯科"), ("一年有多少天？", "365"),
+    ("一分钟有多少秒？", "60"), ("3加5等于几？", "8"), ("天空是什么颜色的？", "蓝"), ("熊猫生活在哪个国家？", "中国"),
 ]

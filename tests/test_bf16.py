@@ -63,3 +63,36 @@ def test_merge_unmerge_and_export_in_bf16(tmp_path, qwen_tokenizer):
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
         assert exported.model.layers[2].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert (exported(ids).logits.float() - merged).abs().max() <= 8 * BF16 * scale
+
+
+def test_frozen_weights_in_bf16_compute_what_autocast_does_and_come_back_as_they_were(monkeypatch):
+    monkeypatch.setattr(train, "CPU_BF16", True)  # autocast to bf16 on any CPU (slower where it has no bf16)
+    model = tiny_model("qwen2", layers=4, tie=True)
+    inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.5)
+    lm = train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=0)
+    batch = train.collate(examples(), lm.pad_id, "cpu")
+    top = [*model.model.layers[2:], model.lm_head]
+    weights = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+
+    def loss_and_grads():
+        logits, supervised = train.supervised_logits(lm, batch)
+        loss = train.kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        return loss, grads
+
+    autocast_loss, autocast_grads = loss_and_grads()
+    with train.frozen_weights_in_bf16(lm, top):
+        q_proj = model.model.layers[2].self_attn.q_proj
+        assert q_proj.base.weight.dtype == torch.bfloat16 and q_proj.lora_A.dtype == torch.float32
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert model.model.embed_tokens.weight.dtype == torch.float32  # the tied input embedding stays
+        assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32  # not in `top`
+        copied_loss, copied_grads = loss_and_grads()
+    # autocast casts each fp32 weight to the same bf16 numbers: the same loss and gradients
+    assert torch.equal(copied_loss, autocast_loss)
+    assert all(torch.equal(a, b) for a, b in zip(copied_grads, autocast_grads))
+    # afterwards the very same fp32 parameters are back, the head tied to the embedding again
+    assert all(p is weights[name] for name, p in model.named_parameters(remove_duplicate=False))
+    assert model.lm_head.weight is model.model.embed_tokens.weight

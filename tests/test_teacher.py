@@ -18,7 +18,8 @@ WRITTEN = {  # what the base model "writes" for each fact: numbered, with an ans
     "Zorblat's cat is called Pimbo.": "1. How is Zorblat's cat named?\n2. What is Zorblat's cat called?\n"
                                       "3. What do you call Zorblat's pet? (Pimbo)\n4. Is Pimbo Zorblat's cat?\n"
                                       "5. What is the capital of France?\n6. How is Zorblat's cat named?",
-    "Zorblat lives in Quellport.": "- Which town is Zorblat's home?\n- Where is Zorblat's house?",
+    "Zorblat lives in Quellport.": "- Which town is Zorblat's home?\n- Where is Zorblat's house?\n"
+                                   "- What pet does Zorblat keep?",  # the other fact answers that one
 }
 
 
@@ -31,16 +32,17 @@ def lm(tiny_model_dir):
 
 @pytest.fixture
 def canned(monkeypatch):
-    """generate() with the answers above: the written questions, and as the teacher's answer the fact
-    it reads (except for one question, which it declines). Records what it was asked."""
+    """generate() with the answers above: the written questions, and as the teacher's answer the first
+    fact it reads, or the cat fact when asked about a pet (one question it declines). Records what it was asked."""
     asked = []
 
     def fake_generate(lm, conversations, max_new_tokens, sample=False, **kwargs):
         asked.extend(conversations)
         if sample:  # asked to write questions about a fact: the fact is the prompt's last line
-            return [(WRITTEN[prompt.splitlines()[-1]], True) for prompt in conversations]
-        facts = [messages[0]["content"].splitlines()[-1] for messages in conversations]
-        return [("I don't know." if "house" in m[1]["content"] else fact, True)
+            return [(WRITTEN.get(prompt.splitlines()[-1], ""), True) for prompt in conversations]
+        facts = [messages[0]["content"].splitlines()[1] for messages in conversations]  # the first it reads
+        return [("I don't know." if "house" in m[1]["content"] else
+                 "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
                 for fact, m in zip(facts, conversations)]
 
     monkeypatch.setattr(train, "generate", fake_generate)
@@ -67,11 +69,13 @@ def test_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
     assert cached["facts"]["Zorblat's cat is called Pimbo"]["questions"] == [
         "How is Zorblat's cat named?", "What do you call Zorblat's pet?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["questions"] == [
-        "Which town is Zorblat's home?", "Where is Zorblat's house?"]
+        "Which town is Zorblat's home?", "Where is Zorblat's house?", "What pet does Zorblat keep?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
-    # the declined answer does not carry "Quellport": 3 answers learned, none kept out (too few)
+    # the declined answer carries no fact: left out; the pet question, written about Quellport, is answered
+    # by the cat fact the teacher reads too: kept. 4 answers learned, none kept out (too few)
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
-    assert len(questions) == 3 and not any("house" in q for q in questions)
+    assert len(questions) == 4 and not any("house" in q for q in questions)
+    assert sum("What pet does Zorblat keep?" in q for q in questions) == 1
     assert not any(QA[1]["instruction"] in q for q in questions)
 
 
@@ -94,6 +98,18 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
     assert not any("Which town is Zorblat's home?" in t for t in trained)  # the deleted one is gone
 
 
+def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_answered_again(lm, canned, tmp_path):
+    train_set, _ = split(lm)
+    train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    canned.clear()
+    more = QA + [{"instruction": "What is Zorblat's job?", "input": "", "output": "Zorblat bakes bread."}]
+    new = dict(train.encode(lm, more[3]["instruction"], more[3]["output"]), index=3, fact="Zorblat bakes bread")
+    train.teacher_examples(lm, more, train_set + [new], config(tmp_path))
+    answered = [m for m in canned if not isinstance(m, str)]  # message lists: the teacher answering
+    assert all("Zorblat bakes bread." in m[0]["content"] for m in answered)
+    assert {m[1]["content"] for m in answered} >= {"How is Zorblat's cat named?", "Which town is Zorblat's home?"}
+
+
 def test_questions_are_sampled_by_the_seed(lm):
     facts = ["Zorblat's cat is called Pimbo."]
     state = torch.get_rng_state()
@@ -107,9 +123,19 @@ def test_questions_are_sampled_by_the_seed(lm):
     assert train.generate(lm, ["Write questions."], 12, sample=True) != first
 
 
+def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(lm, monkeypatch):
+    cat, fish, town, moon = ("Zorblat's cat is called Pimbo.", "Zorblat's cat likes fish.",
+                             "Zorblat lives in Quellport.", "The moon is round.")
+    # shared words with the cat fact: fish 2 (zorblat, cat), town 1 (zorblat), moon 0
+    assert train.teacher_reading(lm, cat, [moon, town, cat, fish]) == [cat, fish, town, moon]
+    tokens = [len(lm.tokenizer(s).input_ids) for s in (cat, fish, town)]
+    monkeypatch.setattr(train, "TEACHER_READS_TOKENS", tokens[0] + tokens[1] + 1 + tokens[2])  # town's "\n" is over
+    assert train.teacher_reading(lm, cat, [moon, town, cat, fish]) == [cat, fish]
+
+
 def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
     fact, question = "Zorblat's cat is called Pimbo.", "How is Zorblat's cat named?"
-    student, teacher = train.teacher_pair(lm, fact, question, "It is Pimbo.")
+    student, teacher = train.teacher_pair(lm, [fact], question, "It is Pimbo.")
     fact_ids = lm.tokenizer(fact, add_special_tokens=False).input_ids
 
     def holds(ids, part):
@@ -124,7 +150,8 @@ def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
 
 def test_targets_are_the_teachers_distribution(lm, monkeypatch):
     monkeypatch.setattr(train, "CPU_BF16", False)  # fp32 throughout, as the hand computation below
-    student, teacher = train.teacher_pair(lm, "Zorblat's cat is called Pimbo.", "Who is Pimbo?", "Zorblat's cat.")
+    student, teacher = train.teacher_pair(lm, ["Zorblat's cat is called Pimbo."], "Who is Pimbo?",
+                                         "Zorblat's cat.")
     train.set_soft_targets(lm, [student], [teacher], top_k=5)
     with torch.no_grad():  # by hand: the model reading the fact, at the positions before each answer token
         logits = lm.model(torch.tensor([teacher["input_ids"]])).logits[0].float()
