@@ -96,8 +96,6 @@ DEFAULTS = {
     "max_length": 256,  # longest example in tokens; longer ones are left out with a warning
     "output_dir": "output",
     "replay": True,
-    "question_variants": 3,  # automatic rewordings of each trained question, trained too (0: off)
-    "question_noise": 0.5,  # noise on the variants' question hidden states, relative to their size (0: off)
     "teacher_questions": 8,  # questions per fact that the model reading the fact answers, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
@@ -110,10 +108,9 @@ def train(config, resume=False):
     os.makedirs(config["output_dir"], exist_ok=True)
     lm = load_model_with_lora(config)
     train_set, val_set = encode_and_split(lm, qa_data, config)
-    variants = question_variants(lm, qa_data, train_set, val_set, config)
     taught, taught_val = teacher_examples(lm, qa_data, train_set, config)
     replay_set, drift_set = base_answer_examples(lm, config)
-    data = Examples(train_set, val_set, variants, taught, taught_val, replay_set, drift_set)
+    data = Examples(train_set, val_set, taught, taught_val, replay_set, drift_set)
     before = ask(lm, ORDINARY_QUESTIONS, config["max_new_tokens"])  # forgetting check, part 1
     started = time.time()  # train_seconds counts the cache too
     cache_frozen_prefix(lm, data.everything())
@@ -270,59 +267,7 @@ def split_by_fact(facts, val_ratio, seed):
     return [i for i in range(len(facts)) if i not in val], val
 
 
-# ----------------------------------------------------------------------------- phase 4: question variants
-
-VARIANT_DROP = 0.3  # each word of a question is left out of a variant with this probability
-
-
-def question_variants(lm, qa_data, train_set, val_set, config):
-    """For each trained question, `question_variants` rewordings with some of its words left out
-    at random (characters, in text without spaces), trained with the same answer: the answer is
-    then learned from the question's key words rather than from one sentence. Drawn by `seed`,
-    cached in output/question_variants.json, where they can be read and edited; a variant that is
-    a held-out phrasing is left out, so validation stays unseen."""
-    count = config["question_variants"]
-    if not count:
-        return []
-    path = os.path.join(config["output_dir"], "question_variants.json")
-    drawn_for = {"seed": config["seed"], "count": count}
-    cached = read_json(path) or {}
-    if {k: cached.get(k) for k in drawn_for} != drawn_for:  # drawn for another seed or count: draw again
-        cached = {}
-    held_out = {question_of(qa_data[e["index"]]).strip() for e in val_set}
-    drawn, examples = {}, []
-    for e in train_set:
-        item = qa_data[e["index"]]
-        question = question_of(item)
-        variants = cached.get("variants", {}).get(question)
-        if not (isinstance(variants, list) and all(isinstance(v, str) for v in variants)):  # new or broken
-            variants = drop_words(question, count, random.Random(f"{config['seed']}:{question}"))
-        drawn[question] = variants
-        examples += [dict(encode(lm, v, item["output"]), fact=e["fact"],
-                          question_span=question_span(lm.tokenizer, v))  # where question_noise goes
-                     for v in variants if v.strip() not in held_out]
-    write_json(path, {**drawn_for, "variants": drawn})
-    print(f"[variants] {len(examples)} automatic rewordings of {len(train_set)} questions, in {path}")
-    return examples
-
-
-def drop_words(question, count, rng):
-    """Up to `count` different rewordings of `question`, each word left out with probability
-    VARIANT_DROP; fewer when the question is too short to have that many."""
-    spaced = " " in question.strip()
-    words = question.split() if spaced else list(question)
-    variants = []
-    for _ in range(20 * count):
-        kept = [w for w in words if rng.random() >= VARIANT_DROP]
-        text = (" " if spaced else "").join(kept)
-        if kept and text != question and text not in variants:
-            variants.append(text)
-            if len(variants) == count:
-                break
-    return variants
-
-
-# ----------------------------------------------------------------------------- phase 5: the teacher
+# ----------------------------------------------------------------------------- phase 4: the teacher
 
 WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
     "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
@@ -497,7 +442,7 @@ def carries(text, keys):
     return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
 
 
-# ----------------------------------------------------------------------------- phase 6: base model's answers
+# ----------------------------------------------------------------------------- phase 5: base model's answers
 
 def base_answer_examples(lm, config):
     """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
@@ -530,7 +475,7 @@ def ask(lm, questions, max_new_tokens):
     return [answer for answer, _ in generate(lm, questions, max_new_tokens)]
 
 
-# ----------------------------------------------------------------------------- phase 7: frozen-prefix cache
+# ----------------------------------------------------------------------------- phase 6: frozen-prefix cache
 
 def cache_frozen_prefix(lm, examples):
     """The layers below the lowest LoRA layer never change: run them once per example instead of
@@ -587,7 +532,7 @@ def check_prefix_exact(lm, examples):
     return f"the cached forward differs from the full one (relative {error:.1e})"
 
 
-# ----------------------------------------------------------------------------- phase 8: soft targets
+# ----------------------------------------------------------------------------- phase 7: soft targets
 
 @torch.no_grad()
 def set_soft_targets(lm, examples, teachers=None, top_k=32, batch_size=16):
@@ -609,21 +554,20 @@ def set_soft_targets(lm, examples, teachers=None, top_k=32, batch_size=16):
             e["target_ids"], e["target_probs"] = ids.cpu(), p.cpu()
 
 
-# ----------------------------------------------------------------------------- phase 9: fit
+# ----------------------------------------------------------------------------- phase 8: fit
 
 @dataclass
 class Examples:
     """What fit() trains on and validates with (token examples, see encode)."""
     train: list  # data.py's pairs, at least one phrasing of every fact
     val: list  # the other phrasings held out (split_by_fact)
-    variants: list  # automatic rewordings of the trained questions (question_variants)
     taught: list  # questions about the facts with the teacher's answers to learn (teacher_examples)
     taught_val: list  # a few of them kept out: the KL to the teacher there is validated
     replay: list  # the base model's answers to REPLAY_QUESTIONS, trained to keep what it knew
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
 
     def trained(self):
-        return self.train + self.variants + self.taught + self.replay
+        return self.train + self.taught + self.replay
 
     def everything(self):
         return self.trained() + self.val + self.taught_val + self.drift
@@ -666,8 +610,6 @@ def fit(lm, data, config, started, resume):
     run = Run(config, data, optimizer, random.Random(config["seed"]), started)
     if resume:  # continue exactly where the last completed epoch left off
         load_state(run, lm)
-    if config["question_noise"] and "prefix" not in data.train[0]:
-        print("[noise] off: question_noise goes into the frozen-prefix cache, which is off")
     stop = StopFlag()  # Ctrl-C: finish the current step, then wrap up
     decoder = lm.model.get_decoder()
     trained_part = [*decoder.layers[lm.first_lora_layer:], lm.model.get_output_embeddings()]
@@ -679,7 +621,7 @@ def fit(lm, data, config, started, resume):
             losses, recalled = [], []
             bar = tqdm(batches, desc=f"epoch {epoch}/{config['epoch']}", leave=False)
             for batch in bar:
-                loss, hits = batch_loss(lm, batch, config["question_noise"])
+                loss, hits = batch_loss(lm, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -758,7 +700,7 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     return False
 
 
-# ----------------------------------------------------------------------------- phase 10: report
+# ----------------------------------------------------------------------------- phase 9: report
 
 def report(lm, qa_data, run, before, config):
     """With the best adapter reloaded from disk (what the user gets is what is checked): recall
@@ -861,10 +803,6 @@ def check_config(config, path):
     need("output_dir", isinstance(config["output_dir"], str) and config["output_dir"].strip(),
          "a directory name")
     need("replay", isinstance(config["replay"], bool), "true or false")
-    need("question_variants", whole(config["question_variants"]) and config["question_variants"] >= 0,
-         "a whole number >= 0 (0 turns them off)")
-    need("question_noise", number(config["question_noise"]) and config["question_noise"] >= 0,
-         "a number >= 0 (0 turns it off)")
     need("teacher_questions", whole(config["teacher_questions"]) and config["teacher_questions"] >= 0,
          "a whole number >= 0 (0 turns distillation off)")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
@@ -1069,18 +1007,6 @@ def encode(lm, question, answer, finished=True):
     return make_example(prompt_ids(lm.tokenizer, question), target)
 
 
-def question_span(tokenizer, question):
-    """(start, end): where the question's tokens lie in prompt_ids(tokenizer, question), found as
-    what differs from the prompt of an empty question between the template's start and end."""
-    prompt, empty = prompt_ids(tokenizer, question), prompt_ids(tokenizer, "")
-
-    def shared(a, b):  # how many tokens two lists share from their start
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-    start = shared(prompt, empty)
-    return start, max(start, len(prompt) - shared(prompt[::-1], empty[::-1]))
-
-
 def make_example(prompt, target):
     return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target,
             "target_ids": torch.tensor(target)[:, None], "target_probs": torch.ones(len(target), 1)}
@@ -1102,10 +1028,6 @@ def collate(examples, pad_id, device):
     k = max(e["target_ids"].shape[1] for e in examples)  # one-hot targets are padded with probability 0
     for name in ("target_ids", "target_probs"):
         batch[name] = torch.cat([F.pad(e[name], (0, k - e[name].shape[1])) for e in examples]).to(device)
-    batch["question"] = torch.zeros((len(examples), width), device=device)  # where question_noise goes
-    for row, e in enumerate(examples):
-        if "question_span" in e:
-            batch["question"][row, slice(*e["question_span"])] = 1
     if "prefix" in examples[0]:  # cached hidden states, padded with zeros like the ids
         prefix = examples[0]["prefix"].new_zeros((len(examples), width, examples[0]["prefix"].shape[-1]))
         for row, e in enumerate(examples):
@@ -1189,22 +1111,12 @@ def kl_to_targets(logits, target_ids, target_probs):
     return (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
 
 
-def batch_loss(lm, examples, question_noise=0.0):
+def batch_loss(lm, examples):
     """Mean KL divergence from each supervised position's target distribution to the model's,
     which is plain cross-entropy where the target is one answer token. Also per example whether
     the greedy choice is right at every answer position (then greedy generation reproduces the
-    answer exactly). The LM head only runs at supervised positions.
-    With `question_noise`, Gaussian noise of that many times each position's RMS is added to the
-    cached hidden states of the variants' questions: the answer must then come from what the
-    question means more than from its exact tokens. data.py's own questions stay clean (asked as
-    written, they are answered exactly: 100% vs 96% trained recall with noise on them too), and
-    so does replay, whose targets are clean answers."""
+    answer exactly). The LM head only runs at supervised positions."""
     batch = collate(examples, lm.pad_id, lm.model.device)
-    if question_noise and "prefix" in batch and batch["question"].any():
-        hidden = batch["prefix"]
-        rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
-        noise = question_noise * rms * torch.randn_like(hidden)
-        batch["prefix"] = hidden + noise * batch["question"][..., None]
     logits, supervised = supervised_logits(lm, batch)
     loss = kl_to_targets(logits, batch["target_ids"], batch["target_probs"])
     wrong = (logits.argmax(-1) != batch["labels"][:, 1:][supervised]).float()

@@ -4,8 +4,8 @@
     python tests/bench_speed.py --real     # the offline Qwen2.5-Coder-0.5B-Instruct itself
 
 Both sides do the same recipe: the same 14 Q&A pairs, split, chat template, answer-only loss,
-AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay, no question
-variants or noise (each adds training examples or work, so each is switched off). The baseline
+AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay, no teacher
+questions (each adds training examples or work, so each is switched off). The baseline
 computes the full forward and full-vocabulary logits every step, as a plain PEFT loop does, with the
 same bf16 matrix products as train.py where the CPU has them.
 train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation.
@@ -46,7 +46,7 @@ QWEN_05B_SHAPES = dict(vocab_size=151936, hidden_size=896, intermediate_size=486
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
               target_layers=[20, 21, 22, 23], lr=1e-3, epoch=6, batch_size=4, val_ratio=0.2, seed=42,
-              replay=False, question_variants=0, question_noise=0.0, teacher_questions=0, early_stop=False)
+              replay=False, teacher_questions=0, early_stop=False)
 
 
 def offline_qwen():

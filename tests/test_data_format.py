@@ -50,11 +50,12 @@ def test_padding_carries_no_loss_and_the_end_of_turn_keeps_its_label(lm):
     assert (batch["labels"][0, :n] == batch["labels"].new_tensor(short["labels"])).all()
 
 
-class CannedModel:
+class CannedModel(torch.nn.Module):
     """Stands in for a model whose greedy answer is fixed: `row` after every prompt."""
     device = torch.device("cpu")
 
     def __init__(self, row):
+        super().__init__()
         self.row = row
 
     def generate(self, input_ids, eos_token_id, **kwargs):

@@ -43,7 +43,7 @@ def examples(lm, known, seed=0):
     train_set = [known_pair(lm, random_ids(9, g), 3, i) if known else unknown_pair(random_ids(9, g), random_ids(2, g), i)
                  for i in range(4)]
     replay, drift = [[train.make_example(random_ids(9, g), random_ids(4, g)) for _ in range(n)] for n in (4, 3)]
-    data = train.Examples(train_set, [], [], [], [], replay, drift)
+    data = train.Examples(train_set, [], [], [], replay, drift)
     train.set_soft_targets(lm, replay + drift)
     return data
 
@@ -111,9 +111,9 @@ def test_a_diverged_epoch_is_never_saved_and_the_last_finite_adapter_is_kept(mon
     steps = []
     real_batch_loss = train.batch_loss
 
-    def blows_up_in_epoch_3(lm, batch, *noise):  # 4 pairs + 4 replay in batches of 2: 4 steps an epoch
+    def blows_up_in_epoch_3(lm, batch):  # 4 pairs + 4 replay in batches of 2: 4 steps an epoch
         steps.append(torch.is_grad_enabled())  # validation runs without gradients
-        loss, hits = real_batch_loss(lm, batch, *noise)
+        loss, hits = real_batch_loss(lm, batch)
         return (loss * math.inf if sum(steps) > 8 else loss), hits
 
     monkeypatch.setattr(train, "batch_loss", blows_up_in_epoch_3)
