@@ -96,7 +96,7 @@ DEFAULTS = {
     "max_length": 256,  # longest example in tokens; longer ones are left out with a warning
     "output_dir": "output",
     "replay": True,
-    "teacher_questions": 8,  # questions per fact that the model reading the fact answers, learned (0: off)
+    "teacher_questions": 8,  # questions per fact that the model reading the facts answers, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
@@ -341,7 +341,7 @@ def teacher_reading(lm, fact, sentences):
     words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of a few dozen facts
     fits whole. Reading only its own fact, the teacher answered questions it was written for that
     another fact answers with its own fact ("What is X's job?" -> "X plays the cello"), and the
-    student learned those mix-ups (en_person: other words 75-79%)."""
+    student learned those mix-ups."""
     own = words_of(fact)
     others = sorted((s for s in sentences if s != fact), key=lambda s: -len(own & words_of(s)))
     reads, used = [fact], len(lm.tokenizer(fact).input_ids)
