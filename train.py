@@ -1070,7 +1070,8 @@ def supervised_logits(lm, batch):
 
 
 # bf16 matrix products on CPUs that have them (AVX512-BF16, AMX): the LM head runs ~3x, a training step ~1.4x
-# faster than in fp32. The LoRA tensors and the loss stay fp32, and so do the weights that generation uses.
+# faster than in fp32. The LoRA tensors and the loss stay fp32, and so do the stored weights (merge, export);
+# training, caching and generation use bf16 copies of the frozen ones (frozen_weights_in_bf16).
 CPU_BF16 = any(getattr(torch.cpu, check, lambda: False)()
                for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
