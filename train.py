@@ -273,23 +273,33 @@ WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's lang
     "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
     "zh": "请写出5个这句话能回答的不同问题，每行一个：\n{fact}",
 }
+# asked of the base model for the user's question, after two worked examples: told only the request, it
+# answered the question instead; shown a list of examples in one prompt, it copied the list
+REPHRASE = {
+    "en": ("Ask this question in other words. Write only the new question: {question}",
+           [("What is the name of Anna Berg's cat?", "What did Anna Berg name her cat?"),
+            ("Which hospital does Tom Reed work at?", "Where is Tom Reed employed as a doctor?")]),
+    "zh": ("换一种说法问这个问题，只写新的问题：{question}",
+           [("王芳的猫叫什么名字？", "王芳给她的猫起了什么名字？"),
+            ("李明在哪家医院工作？", "李明的工作单位是哪家医院？")]),
+}
 TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
 TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
 TEACHER_READS_TOKENS = 512  # a teacher reads its fact and the facts most like it, up to this many tokens
 
 
 def teacher_examples(lm, qa_data, train_set, config):
-    """Prompt distillation (Kujanpää et al. 2024): for each fact the base model writes questions the
-    fact answers, and the teacher (the base model with the facts in its system prompt, see
-    teacher_reading) answers them. The student (the model with LoRA, no facts in its prompt) learns
-    the teacher's distribution at every token of those answers: the facts asked in words the user
-    never wrote. Made once, cached in output/teacher_questions.json, readable and editable: a
+    """Prompt distillation (Kujanpää et al. 2024): for each fact the base model rephrases the user's
+    question and writes questions the fact answers, and the teacher (the base model with the facts in
+    its system prompt, see teacher_reading) answers them. The student (the model with LoRA, no facts
+    in its prompt) learns the teacher's distribution at every token of those answers: the facts asked
+    in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and editable: a
     question added there is answered by the teacher and trained next run, one deleted is gone.
     Returns (train, validation) examples: a few are kept out to validate the KL to the teacher."""
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
-    made_for = {"seed": config["seed"], "count": config["teacher_questions"]}
+    made_for = {"seed": config["seed"], "count": config["teacher_questions"], "from": ["rephrased", "written"]}
     cached = read_json(path) or {}
     entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
     facts = {}  # fact -> (question, answer) of its first trained pair
@@ -300,17 +310,19 @@ def teacher_examples(lm, qa_data, train_set, config):
     new = [fact for fact in facts if entries[fact] is None]
     if new:
         print(f"[teacher] the base model writes questions about {len(new)} facts")
-        user_questions = {question_of(item).strip() for item in qa_data}  # trained or held out: never again
-        written = write_questions(lm, [facts[fact][1] for fact in new], config["teacher_questions"],
-                                  config["seed"])
-        for fact, questions in zip(new, written):
+        user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
+        count, seed = config["teacher_questions"], config["seed"]
+        # rephrasings first: they ask what the user asked, as a user asking in other words would
+        rephrased = rephrase_questions(lm, [facts[fact][0] for fact in new], count, seed)
+        written = write_questions(lm, [facts[fact][1] for fact in new], count, seed)
+        for fact, questions in zip(new, [r + w for r, w in zip(rephrased, written)]):
             subject, own_keys = subject_of(*facts[fact]), keys[facts[fact][1]]
             # about the fact's subject, asking for what the fact adds rather than saying it already
             # ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X attend?")
-            keep = [q for q in questions if q not in user_questions and subject in q.lower()
+            keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
                     and not (own_keys and carries(q, own_keys))]
-            entries[fact] = {"fact": facts[fact][1], "questions": keep[:config["teacher_questions"]],
-                             "answers": {}}
+            keep = [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
+            entries[fact] = {"fact": facts[fact][1], "questions": keep[:count], "answers": {}}
     for fact, entry in entries.items():
         reads = teacher_reading(lm, facts[fact][1], list(keys))
         if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
@@ -367,8 +379,30 @@ def write_questions(lm, facts, count, seed):
                for f in facts for _ in range(rounds)]
     with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
         torch.manual_seed(seed)
-        texts = [text for text, _ in generate(lm, prompts, 24 * 5, sample=True)]
+        texts = [text for text, _ in generate(lm, prompts, 24 * 5, temperature=0.8)]
     return [parse_questions("\n".join(texts[i * rounds:(i + 1) * rounds])) for i in range(len(facts))]
+
+
+def rephrase_questions(lm, questions, count, seed):
+    """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
+    left out. Hot (1.1): cooler, most samples were the question itself again."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        texts = [text for text, _ in generate(lm, [rephrase_messages(q) for q in questions for _ in range(count)],
+                                              48, temperature=1.1)]
+    return [parse_questions("\n".join(texts[i * count:(i + 1) * count])) for i in range(len(questions))]
+
+
+def rephrase_messages(question):
+    ask, examples = REPHRASE["zh" if has_cjk(question) else "en"]
+    worked = [turn for q, a in examples for turn in ({"role": "user", "content": ask.format(question=q)},
+                                                     {"role": "assistant", "content": a})]
+    return worked + [{"role": "user", "content": ask.format(question=question)}]
+
+
+def plain(question):
+    """A question as compared with others: lower case, without spaces and punctuation."""
+    return re.sub(r"[\W_]", "", question.lower())
 
 
 def parse_questions(text):
@@ -376,7 +410,7 @@ def parse_questions(text):
     mark too (small models add the answer there), duplicates left out."""
     found = []
     for line in text.splitlines():
-        line = re.sub(r"^\s*(?:[-*•]|Q?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
+        line = re.sub(r"^\s*(?:[-*•]|(?:Q|Question )?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
         match = re.match(r"[^?？]{3,}[?？]", line)
         if match and match.group(0).strip().lower() not in {q.lower() for q in found}:
             found.append(match.group(0).strip())
@@ -1140,8 +1174,8 @@ def evaluate(lm, examples, batch_size):
 
 
 @torch.no_grad()
-def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, sample=False):
-    """Greedy (or, with `sample`, sampled) answers to `conversations` (questions or message lists,
+def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, temperature=None):
+    """Greedy (or, with a `temperature`, sampled) answers to `conversations` (questions or message lists,
     see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of
     train.py: replay and teacher answers, the questions the teacher answers, the recall report, the
     forgetting check, sample answers, --ask and --chat all use it.
@@ -1157,8 +1191,8 @@ def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, sa
                                 device=lm.model.device)
             out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                     eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
-                                    **(dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else
-                                       dict(do_sample=False)))
+                                    **(dict(do_sample=True, temperature=temperature, top_p=0.95)
+                                       if temperature else dict(do_sample=False)))
             for row in out[:, width:].tolist():
                 stop = next((i for i, t in enumerate(row) if t in stops), len(row))
                 text = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()

@@ -152,7 +152,7 @@ def main():
         chosen = [r for r in runs if name in ("all", r["set"])]
         means = [statistics.mean(r[c] for r in chosen) for c in columns]
         print(f"| {name} | " + " | ".join(f"{m:.0%}" for m in means[:-1]) + f" | {means[-1]:.0f} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"seeds": args.seeds, "config_changes": overrides, "runs": runs,
                    "base_ordinary": dict(zip([q for q, _ in ORDINARY], reader.ordinary))}, f, ensure_ascii=False, indent=1)

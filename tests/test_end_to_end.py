@@ -61,7 +61,9 @@ def test_outputs_are_written(trained_dir, config):
     assert 1 <= epochs <= config["epoch"] and 1 <= metrics["best_epoch"] <= epochs and metrics["train_seconds"] > 0
     for key in ("seconds", "val_loss", "val_recall", "drift", "train_recall"):
         assert len(metrics[key]) == epochs
-    assert metrics["train_loss"][-1] < metrics["train_loss"][0]
+    # the training loss is mostly replay's KL, which starts at 0: the held-out phrasing and the teacher's
+    # kept-out questions show the learning
+    assert metrics["val_loss"][-1] < metrics["val_loss"][0] and metrics["teacher_kl"][-1] < metrics["teacher_kl"][0]
     assert (out / "loss_curve.png").stat().st_size > 1000
     adapter = out / "best_adapter"
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]

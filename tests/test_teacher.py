@@ -1,7 +1,7 @@
-"""Prompt distillation: questions the base model writes about each fact, answered by the teacher (the base
-model reading the fact); deterministic under the seed, cached in an editable file, never a held-out
-phrasing; the teacher's prompt holds the fact and the student's does not; the targets are the teacher's
-distribution."""
+"""Prompt distillation: the user's question rephrased and questions written about each fact by the base
+model, answered by the teacher (the base model reading the facts); deterministic under the seed, cached in
+an editable file, never a held-out phrasing; the teacher's prompt holds the fact and the student's does
+not; the targets are the teacher's distribution."""
 import json
 
 import pytest
@@ -14,10 +14,17 @@ from inject import inject_lora
 QA = [{"instruction": "What is the name of Zorblat's cat?", "input": "", "output": "Zorblat's cat is called Pimbo."},
       {"instruction": "What is Zorblat's cat called?", "input": "", "output": "Zorblat's cat is called Pimbo."},
       {"instruction": "Where does Zorblat live?", "input": "", "output": "Zorblat lives in Quellport."}]
+REPHRASED = {  # what the base model gives for "ask this in other words": the first is the held-out
+    # phrasing, spaced and in lower case; the last is also written below
+    "What is the name of Zorblat's cat?": "what is zorblat's cat called ?\nWhich name did Zorblat give his cat?\n"
+                                          "How is Zorblat's cat named?",
+    "Where does Zorblat live?": "In which town does Zorblat live?\nWhere does Zorblat live?",  # the user's again
+}
 WRITTEN = {  # what the base model "writes" for each fact: numbered, with an answer after one question
     "Zorblat's cat is called Pimbo.": "1. How is Zorblat's cat named?\n2. What is Zorblat's cat called?\n"
-                                      "3. What do you call Zorblat's pet? (Pimbo)\n4. Is Pimbo Zorblat's cat?\n"
-                                      "5. What is the capital of France?\n6. How is Zorblat's cat named?",
+                                      "Question 3: What do you call Zorblat's pet? (Pimbo)\n"
+                                      "4. Is Pimbo Zorblat's cat?\n5. What is the capital of France?\n"
+                                      "6. How is Zorblat's cat named?",
     "Zorblat lives in Quellport.": "- Which town is Zorblat's home?\n- Where is Zorblat's house?\n"
                                    "- What pet does Zorblat keep?",  # the other fact answers that one
 }
@@ -32,14 +39,18 @@ def lm(tiny_model_dir):
 
 @pytest.fixture
 def canned(monkeypatch):
-    """generate() with the answers above: the written questions, and as the teacher's answer the first
-    fact it reads, or the cat fact when asked about a pet (one question it declines). Records what it was asked."""
+    """generate() with the answers above: the rephrased and written questions, and as the teacher's answer
+    the first fact it reads, or the cat fact when asked about a pet (one question it declines). Records what
+    it was asked."""
     asked = []
 
-    def fake_generate(lm, conversations, max_new_tokens, sample=False, **kwargs):
+    def fake_generate(lm, conversations, max_new_tokens, temperature=None, **kwargs):
         asked.extend(conversations)
-        if sample:  # asked to write questions about a fact: the fact is the prompt's last line
+        if temperature and isinstance(conversations[0], str):  # write questions: the fact is the last line
             return [(WRITTEN.get(prompt.splitlines()[-1], ""), True) for prompt in conversations]
+        if temperature:  # rephrase: the user's question ends the last turn
+            return [(next((text for q, text in REPHRASED.items() if m[-1]["content"].endswith(q)), ""), True)
+                    for m in conversations]
         facts = [messages[0]["content"].splitlines()[1] for messages in conversations]  # the first it reads
         return [("I don't know." if "house" in m[1]["content"] else
                  "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
@@ -60,21 +71,23 @@ def config(tmp_path, **changes):
     return dict(train.DEFAULTS, output_dir=str(tmp_path), **changes)
 
 
-def test_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
+def test_rephrased_and_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
     train_set, _ = split(lm)
     taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
     cached = json.loads((tmp_path / "teacher_questions.json").read_text())
-    # numbering and the answer after "?" are gone; "What is Zorblat's cat called?" is a held-out phrasing,
-    # "Is Pimbo ...?" says the answer, France is not about Zorblat, the repeated one is kept once
+    # rephrasings first; numbering and the answer after "?" are gone; "What is Zorblat's cat called?" is a
+    # held-out phrasing however it is spaced or cased, "Where does Zorblat live?" the trained one,
+    # "Is Pimbo ...?" says the answer, France is not about Zorblat, repeated ones are kept once
     assert cached["facts"]["Zorblat's cat is called Pimbo"]["questions"] == [
-        "How is Zorblat's cat named?", "What do you call Zorblat's pet?"]
+        "Which name did Zorblat give his cat?", "How is Zorblat's cat named?", "What do you call Zorblat's pet?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["questions"] == [
-        "Which town is Zorblat's home?", "Where is Zorblat's house?", "What pet does Zorblat keep?"]
+        "In which town does Zorblat live?", "Which town is Zorblat's home?", "Where is Zorblat's house?",
+        "What pet does Zorblat keep?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
     # the declined answer carries no fact: left out; the pet question, written about Quellport, is answered
-    # by the cat fact the teacher reads too: kept. 4 answers learned, none kept out (too few)
+    # by the cat fact the teacher reads too: kept. 6 answers learned, one of them kept out to validate
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
-    assert len(questions) == 4 and not any("house" in q for q in questions)
+    assert len(questions) == 6 and len(kept_out) == 1 and not any("house" in q for q in questions)
     assert sum("What pet does Zorblat keep?" in q for q in questions) == 1
     assert not any(QA[1]["instruction"] in q for q in questions)
 
@@ -89,12 +102,12 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
 
     path = tmp_path / "teacher_questions.json"
     cached = json.loads(path.read_text())
-    cached["facts"]["Zorblat lives in Quellport"]["questions"] = ["In which town does Zorblat live?"]  # edited
+    cached["facts"]["Zorblat lives in Quellport"]["questions"] = ["Which city is Zorblat's home?"]  # edited
     path.write_text(json.dumps(cached))
     taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
-    assert [m[1]["content"] for m in canned] == ["In which town does Zorblat live?"]  # only the new one answered
+    assert [m[1]["content"] for m in canned] == ["Which city is Zorblat's home?"]  # only the new one answered
     trained = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
-    assert sum("In which town does Zorblat live?" in t for t in trained) == 1
+    assert sum("Which city is Zorblat's home?" in t for t in trained) == 1
     assert not any("Which town is Zorblat's home?" in t for t in trained)  # the deleted one is gone
 
 
@@ -105,22 +118,34 @@ def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_an
     more = QA + [{"instruction": "What is Zorblat's job?", "input": "", "output": "Zorblat bakes bread."}]
     new = dict(train.encode(lm, more[3]["instruction"], more[3]["output"]), index=3, fact="Zorblat bakes bread")
     train.teacher_examples(lm, more, train_set + [new], config(tmp_path))
-    answered = [m for m in canned if not isinstance(m, str)]  # message lists: the teacher answering
+    answered = [m for m in canned if not isinstance(m, str) and m[0]["role"] == "system"]  # the teacher
     assert all("Zorblat bakes bread." in m[0]["content"] for m in answered)
     assert {m[1]["content"] for m in answered} >= {"How is Zorblat's cat named?", "Which town is Zorblat's home?"}
 
 
 def test_questions_are_sampled_by_the_seed(lm):
-    facts = ["Zorblat's cat is called Pimbo."]
+    facts, questions = ["Zorblat's cat is called Pimbo."], ["What is the name of Zorblat's cat?"]
     state = torch.get_rng_state()
     assert train.write_questions(lm, facts, 5, seed=1) == train.write_questions(lm, facts, 5, seed=1)
+    assert train.rephrase_questions(lm, questions, 5, seed=1) == train.rephrase_questions(lm, questions, 5, seed=1)
     assert torch.equal(torch.get_rng_state(), state)  # training draws the same, whether the questions are cached or not
     torch.manual_seed(1)
-    first = train.generate(lm, ["Write questions."], 12, sample=True)
+    first = train.generate(lm, ["Write questions."], 12, temperature=0.8)
     torch.manual_seed(1)
-    assert train.generate(lm, ["Write questions."], 12, sample=True) == first
+    assert train.generate(lm, ["Write questions."], 12, temperature=0.8) == first
     torch.manual_seed(2)
-    assert train.generate(lm, ["Write questions."], 12, sample=True) != first
+    assert train.generate(lm, ["Write questions."], 12, temperature=0.8) != first
+
+
+def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_language():
+    english = train.rephrase_messages("Where does Zorblat live?")
+    assert [m["role"] for m in english] == ["user", "assistant", "user", "assistant", "user"]
+    assert english[-1]["content"] == ("Ask this question in other words. Write only the new question: "
+                                      "Where does Zorblat live?")
+    assert english[1]["content"] == "What did Anna Berg name her cat?"
+    chinese = train.rephrase_messages("佐布拉特住在哪里？")
+    assert chinese[-1]["content"] == "换一种说法问这个问题，只写新的问题：佐布拉特住在哪里？"
+    assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
 
 def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(lm, monkeypatch):
