@@ -333,8 +333,11 @@ def teacher_examples(lm, qa_data, train_set, config):
     for fact, entry in entries.items():
         for q in entry["questions"]:
             answer = entry["answers"][q]
-            # a question written about one fact may be answered by another the teacher reads: kept too
-            if answer and any(carries(answer, keys[read]) for read in entry["reads"]):
+            # a question written about one fact may be answered by another the teacher reads: kept too.
+            # Not an answer in another language than the question's: with a fact written in Chinese and
+            # in English, the teacher answered Chinese questions in English, and the student learned that
+            if (answer and has_cjk(answer) == has_cjk(q)
+                    and any(carries(answer, keys[read]) for read in entry["reads"])):
                 student, teacher = teacher_pair(lm, entry["reads"], q, answer)
                 students.append(dict(student, fact=fact))
                 teachers.append(teacher)
@@ -343,7 +346,7 @@ def teacher_examples(lm, qa_data, train_set, config):
     set_soft_targets(lm, students, teachers)
     kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
-          f"{dropped} left out for carrying no fact; in {path}")
+          f"{dropped} left out for carrying no fact or answering in another language; in {path}")
     return ([e for i, e in enumerate(students) if i not in kept_out],
             [e for i, e in enumerate(students) if i in kept_out])
 

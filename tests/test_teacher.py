@@ -185,3 +185,25 @@ def test_targets_are_the_teachers_distribution(lm, monkeypatch):
     assert torch.equal(student["target_ids"], probs.indices)
     expected = probs.values / probs.values.sum(-1, keepdim=True)
     assert (student["target_probs"] - expected).abs().max() < 1e-5
+
+
+def test_an_answer_in_another_language_than_the_question_is_left_out(lm, monkeypatch, tmp_path):
+    # the same fact in Chinese and in English: the teacher reads both and may answer in either
+    qa = [{"instruction": "佐布拉特的猫叫什么？", "input": "", "output": "佐布拉特的猫叫皮姆波。"},
+          {"instruction": "What is the name of Zorblat's cat?", "input": "",
+           "output": "Zorblat's cat is called Pimbo."}]
+    answers = {"佐布拉特的猫叫啥？": "Zorblat's cat is called Pimbo.",
+               "佐布拉特给猫起了什么名字？": "佐布拉特的猫叫皮姆波。"}
+
+    def fake_generate(lm, conversations, max_new_tokens, temperature=None, **kwargs):
+        if temperature:  # the Chinese question rephrased; nothing else written
+            return [("\n".join(answers) if isinstance(c, list) and "佐布拉特" in c[-1]["content"] else "", True)
+                    for c in conversations]
+        return [(answers.get(c[1]["content"], ""), True) for c in conversations]
+
+    monkeypatch.setattr(train, "generate", fake_generate)
+    train_set = [dict(train.encode(lm, item["instruction"], item["output"]), index=i,
+                      fact=train.fact_of(item["output"])) for i, item in enumerate(qa)]
+    taught, kept_out = train.teacher_examples(lm, qa, train_set, config(tmp_path))
+    chinese = train.encode(lm, "佐布拉特给猫起了什么名字？", "佐布拉特的猫叫皮姆波。")
+    assert [e["input_ids"] for e in taught + kept_out] == [chinese["input_ids"]]
