@@ -323,8 +323,9 @@ def teacher_examples(lm, qa_data, train_set, config):
                     and not (own_keys and carries(q, own_keys))]
             keep = [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
             entries[fact] = {"fact": facts[fact][1], "questions": keep[:count], "answers": {}}
+    tokens = {sentence: len(lm.tokenizer(sentence).input_ids) for sentence in keys}  # once, not once per fact
     for fact, entry in entries.items():
-        reads = teacher_reading(lm, facts[fact][1], list(keys))
+        reads = teacher_reading(facts[fact][1], tokens)
         if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
             entry.update(reads=reads, answers={})
     answer_as_teacher(lm, entries.values())
@@ -351,17 +352,17 @@ def teacher_examples(lm, qa_data, train_set, config):
             [e for i, e in enumerate(students) if i in kept_out])
 
 
-def teacher_reading(lm, fact, sentences):
-    """The facts a teacher reads (data.py answers): `fact`, then the other `sentences` by how many
-    words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of a few dozen facts
-    fits whole. Reading only its own fact, the teacher answered questions it was written for that
-    another fact answers with its own fact ("What is X's job?" -> "X plays the cello"), and the
-    student learned those mix-ups."""
+def teacher_reading(fact, tokens):
+    """The facts a teacher reads (data.py answers, with their length in `tokens`): `fact`, then the
+    others by how many words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of
+    a few dozen facts fits whole. Reading only its own fact, the teacher answered questions it was
+    written for that another fact answers with its own fact ("What is X's job?" -> "X plays the
+    cello"), and the student learned those mix-ups."""
     own = words_of(fact)
-    others = sorted((s for s in sentences if s != fact), key=lambda s: -len(own & words_of(s)))
-    reads, used = [fact], len(lm.tokenizer(fact).input_ids)
+    others = sorted((s for s in tokens if s != fact), key=lambda s: -len(own & words_of(s)))
+    reads, used = [fact], tokens[fact]
     for sentence in others:
-        used += len(lm.tokenizer(sentence).input_ids) + 1
+        used += tokens[sentence] + 1
         if used > TEACHER_READS_TOKENS:
             break
         reads.append(sentence)

@@ -148,14 +148,14 @@ def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_langua
     assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
 
-def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(lm, monkeypatch):
+def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(monkeypatch):
     cat, fish, town, moon = ("Zorblat's cat is called Pimbo.", "Zorblat's cat likes fish.",
                              "Zorblat lives in Quellport.", "The moon is round.")
+    tokens = {moon: 5, town: 6, cat: 8, fish: 6}
     # shared words with the cat fact: fish 2 (zorblat, cat), town 1 (zorblat), moon 0
-    assert train.teacher_reading(lm, cat, [moon, town, cat, fish]) == [cat, fish, town, moon]
-    tokens = [len(lm.tokenizer(s).input_ids) for s in (cat, fish, town)]
-    monkeypatch.setattr(train, "TEACHER_READS_TOKENS", tokens[0] + tokens[1] + 1 + tokens[2])  # town's "\n" is over
-    assert train.teacher_reading(lm, cat, [moon, town, cat, fish]) == [cat, fish]
+    assert train.teacher_reading(cat, tokens) == [cat, fish, town, moon]
+    monkeypatch.setattr(train, "TEACHER_READS_TOKENS", 8 + 1 + 6 + 1 + 5)  # cat, "\n" fish, "\n" and 1 short of town
+    assert train.teacher_reading(cat, tokens) == [cat, fish]
 
 
 def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
