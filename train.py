@@ -293,8 +293,9 @@ def teacher_examples(lm, qa_data, train_set, config):
     question and writes questions the fact answers, and the teacher (the base model with the facts in
     its system prompt, see teacher_reading) answers them. The student (the model with LoRA, no facts
     in its prompt) learns the teacher's distribution at every token of those answers: the facts asked
-    in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and editable: a
-    question added there is answered by the teacher and trained next run, one deleted is gone.
+    in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and
+    editable: a question added there is answered by the teacher and trained next run, one deleted is
+    gone.
     Returns (train, validation) examples: a few are kept out to validate the KL to the teacher."""
     if not config["teacher_questions"]:
         return [], []
@@ -309,7 +310,7 @@ def teacher_examples(lm, qa_data, train_set, config):
     entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
     new = [fact for fact in facts if entries[fact] is None]
     if new:
-        print(f"[teacher] the base model writes questions about {len(new)} facts")
+        print(f"[teacher] the base model rephrases the questions of {len(new)} facts and writes more about them")
         user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
         count, seed = config["teacher_questions"], config["seed"]
         # rephrasings first: they ask what the user asked, as a user asking in other words would
