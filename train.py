@@ -382,20 +382,22 @@ def write_questions(lm, facts, count, seed):
     rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
     prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
                for f in facts for _ in range(rounds)]
-    with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
-        torch.manual_seed(seed)
-        texts = [text for text, _ in generate(lm, prompts, 24 * 5, temperature=0.8)]
-    return [parse_questions("\n".join(texts[i * rounds:(i + 1) * rounds])) for i in range(len(facts))]
+    return sampled_questions(lm, prompts, rounds, 24 * 5, 0.8, seed)
 
 
 def rephrase_questions(lm, questions, count, seed):
     """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
     left out. Hot (1.1): cooler, most samples were the question itself again."""
-    with torch.random.fork_rng():
+    prompts = [rephrase_messages(q) for q in questions for _ in range(count)]
+    return sampled_questions(lm, prompts, count, 48, 1.1, seed)
+
+
+def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed):
+    """The questions in the base model's sampled answers to `prompts`, `per_item` prompts an item."""
+    with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
         torch.manual_seed(seed)
-        texts = [text for text, _ in generate(lm, [rephrase_messages(q) for q in questions for _ in range(count)],
-                                              48, temperature=1.1)]
-    return [parse_questions("\n".join(texts[i * count:(i + 1) * count])) for i in range(len(questions))]
+        texts = [text for text, _ in generate(lm, prompts, max_new_tokens, temperature=temperature)]
+    return [parse_questions("\n".join(texts[i:i + per_item])) for i in range(0, len(texts), per_item)]
 
 
 def rephrase_messages(question):
@@ -417,7 +419,7 @@ def parse_questions(text):
     for line in text.splitlines():
         line = re.sub(r"^\s*(?:[-*•]|(?:Q|Question )?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
         match = re.match(r"[^?？]{3,}[?？]", line)
-        if match and match.group(0).strip().lower() not in {q.lower() for q in found}:
+        if match and plain(match.group(0)) not in {plain(q) for q in found}:
             found.append(match.group(0).strip())
     return found
 
