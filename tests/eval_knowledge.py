@@ -30,11 +30,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chat_model  # noqa: E402
+import model_files  # noqa: E402
+import teacher  # noqa: E402
 import train  # noqa: E402
+from conftest import copy_code  # noqa: E402
 from fact_sets import FACT_SETS, ORDINARY  # noqa: E402
-
-CODE = ("train.py", "inject.py", "LoRALinear.py")
-
 
 def right(answer, keywords):
     """Whether the answer contains the keyword (or one of a tuple of keywords), ignoring case."""
@@ -44,8 +45,7 @@ def right(answer, keywords):
 def train_once(facts, seed, overrides, work, shared_cache):
     """One `python train.py` in a fresh copy of the tool; returns its metrics.json."""
     os.makedirs(os.path.join(work, "output"))
-    for name in CODE:
-        shutil.copy(os.path.join(ROOT, name), work)
+    copy_code(work)
     if os.path.isdir(os.path.join(ROOT, "model")):  # the offline model, converted once, shared by every run
         os.symlink(os.path.join(ROOT, "model"), os.path.join(work, "model"))
     with open(os.path.join(work, "data.py"), "w", encoding="utf-8") as f:
@@ -72,15 +72,15 @@ class Reader:
     """The base model, loaded once, asked with and without an adapter (through PEFT)."""
 
     def __init__(self, model_path):
-        self.tokenizer, self.model = train.load_model(model_path, torch.device("cpu"), torch.float32)
+        self.tokenizer, self.model = model_files.load_model(model_path, torch.device("cpu"), torch.float32)
         self.ordinary = self.ask([q for q, _ in ORDINARY])
 
     def ask(self, questions, model=None):
-        return train.ask(train.LM.of(model or self.model, self.tokenizer), questions, max_new_tokens=48)
+        return train.ask(chat_model.LM.of(model or self.model, self.tokenizer), questions, max_new_tokens=48)
 
     def reading(self, facts, questions):
         """The base model with every fact of the set in its system prompt, as train.py's teacher reads them."""
-        return self.ask([train.teacher_messages([a for _, a, _, _ in facts], q) for q in questions])
+        return self.ask([teacher.teacher_messages([a for _, a, _, _ in facts], q) for q in questions])
 
     def with_adapter(self, adapter_dir, questions):
         from peft import PeftModel

@@ -13,6 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chat_model  # noqa: E402
 import train  # noqa: E402
 from bench_speed import QA, QWEN_05B_SHAPES, offline_qwen  # noqa: E402
 from inject import inject_lora, set_lora_training  # noqa: E402
@@ -24,8 +25,8 @@ def main():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B_SHAPES)).eval()
     inject_lora(model, ["q_proj", "v_proj"], [20, 21, 22, 23], r=8, alpha=16, dropout=0.0)
-    lm = train.LM.of(model, tokenizer, first_lora_layer=20)
-    examples = [train.encode(lm, q, a) for q, a in QA]
+    lm = chat_model.LM.of(model, tokenizer, first_lora_layer=20)
+    examples = [chat_model.encode(lm, q, a) for q, a in QA]
     train_set, val_set = examples[:11], examples[11:]
     t0 = time.time()
     train.cache_prefix(lm, examples)
@@ -41,7 +42,7 @@ def main():
             optimizer.step()
         train.evaluate(lm, val_set, 4)
 
-    with train.frozen_weights_in_bf16(lm, [*model.model.layers[20:], model.lm_head]):  # as fit() trains
+    with chat_model.frozen_weights_in_bf16(lm, [*model.model.layers[20:], model.lm_head]):  # as fit() trains
         epoch()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.time()

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import model_files
 import train
 from conftest import project, run, tiny_model
 
@@ -73,16 +74,16 @@ def test_duplicate_questions_warn_with_count(tmp_path, capsys):
 
 
 def test_bad_model_names(tmp_path, capsys):
-    expect_failure(capsys, lambda: train.resolve_model(str(tmp_path / "missing")), "no such file or directory")
-    expect_failure(capsys, lambda: train.resolve_model("./model/nothing.gguf"), "no such file or directory")
-    expect_failure(capsys, lambda: train.resolve_model("not a model"), "neither an existing path nor a hub id")
+    expect_failure(capsys, lambda: model_files.resolve_model(str(tmp_path / "missing")), "no such file or directory")
+    expect_failure(capsys, lambda: model_files.resolve_model("./model/nothing.gguf"), "no such file or directory")
+    expect_failure(capsys, lambda: model_files.resolve_model("not a model"), "neither an existing path nor a hub id")
     (tmp_path / "empty").mkdir()
-    expect_failure(capsys, lambda: train.resolve_model(str(tmp_path / "empty")), "directory without model weights")
+    expect_failure(capsys, lambda: model_files.resolve_model(str(tmp_path / "empty")), "directory without model weights")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text(json.dumps(tiny_model().config.to_dict()))
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
-    expect_failure(capsys, lambda: train.load_model(str(corrupt), "cpu", None), "cannot load it", "download them again")
+    expect_failure(capsys, lambda: model_files.load_model(str(corrupt), "cpu", None), "cannot load it", "download them again")
 
 
 @pytest.mark.parametrize("config, phrase", [

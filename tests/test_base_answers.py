@@ -5,13 +5,15 @@ import json
 import pytest
 import torch
 
+import chat_model
+import model_files
 import train
 
 
 @pytest.fixture
 def lm(tiny_model_dir):
-    tokenizer, model = train.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
-    return train.LM.of(model, tokenizer, path=str(tiny_model_dir))
+    tokenizer, model = model_files.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    return chat_model.LM.of(model, tokenizer, path=str(tiny_model_dir))
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +50,7 @@ def test_answers_are_generated_once_then_read_from_the_cache(lm, asked, tmp_path
     assert len(replay) == len(train.REPLAY_QUESTIONS) and len(drift) == len(train.ORDINARY_QUESTIONS)
     cached = json.loads(cache_file(tmp_path, lm).read_text())
     assert set(cached) == set(train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS)
-    assert [e["input_ids"] for e in replay] == [train.encode(lm, q, cached[q]["answer"], cached[q]["finished"])
+    assert [e["input_ids"] for e in replay] == [chat_model.encode(lm, q, cached[q]["answer"], cached[q]["finished"])
                                                 ["input_ids"] for q in train.REPLAY_QUESTIONS]
 
     asked.clear()
@@ -65,7 +67,7 @@ def test_an_edited_answer_is_what_replay_trains(lm, asked, tmp_path):
     cached[question] = {"answer": "Tokyo.", "finished": True}
     path.write_text(json.dumps(cached))
     replay, _ = train.base_answer_examples(lm, config(tmp_path))
-    assert replay[0]["input_ids"] == train.encode(lm, question, "Tokyo.")["input_ids"]
+    assert replay[0]["input_ids"] == chat_model.encode(lm, question, "Tokyo.")["input_ids"]
 
 
 @pytest.mark.parametrize("broken, message", [

@@ -3,6 +3,7 @@ a training step with fp32 LoRA tensors, merge/unmerge and export, each within a 
 import torch
 from transformers import AutoModelForCausalLM
 
+import chat_model
 import train
 from conftest import tiny_model
 from inject import inject_lora, lora_modules
@@ -16,12 +17,12 @@ def bf16_lm():
     inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
     for m in lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.5)  # as if trained, so that merging changes the weights
-    return train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=2)
+    return chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=2)
 
 
 def examples():
     g = torch.Generator().manual_seed(0)
-    return [train.make_example(torch.randint(2, 96, (n,), generator=g).tolist(), [5, 6, 1]) for n in (9, 6, 12, 7)]
+    return [chat_model.make_example(torch.randint(2, 96, (n,), generator=g).tolist(), [5, 6, 1]) for n in (9, 6, 12, 7)]
 
 
 def test_cached_path_and_a_training_step_in_bf16():
@@ -59,19 +60,19 @@ def test_merge_unmerge_and_export_in_bf16(tmp_path, qwen_tokenizer):
             magnitude = (weights[name].float().abs() + m.delta_weight().abs()).max()
             assert (m.base.weight.float() - weights[name].float()).abs().max() <= 2 * BF16 * magnitude
 
-        train.export(train.LM(lm.model, qwen_tokenizer, 1, 0), str(tmp_path / "merged"), "f16")
+        train.export(chat_model.LM(lm.model, qwen_tokenizer, 1, 0), str(tmp_path / "merged"), "f16")
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).eval()
         assert exported.model.layers[2].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert (exported(ids).logits.float() - merged).abs().max() <= 8 * BF16 * scale
 
 
 def test_frozen_weights_in_bf16_compute_what_autocast_does_and_come_back_as_they_were(monkeypatch):
-    monkeypatch.setattr(train, "CPU_BF16", True)  # autocast to bf16 on any CPU (slower where it has no bf16)
+    monkeypatch.setattr(chat_model, "CPU_BF16", True)  # autocast to bf16 on any CPU (slower where it has no bf16)
     model = tiny_model("qwen2", layers=4, tie=True)
     inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
     for m in lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.5)
-    lm = train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=0)
+    lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=0)
     batch = train.collate(examples(), lm.pad_id, "cpu")
     top = [*model.model.layers[2:], model.lm_head]
     weights = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
@@ -83,7 +84,7 @@ def test_frozen_weights_in_bf16_compute_what_autocast_does_and_come_back_as_they
         return loss, grads
 
     autocast_loss, autocast_grads = loss_and_grads()
-    with train.frozen_weights_in_bf16(lm, top):
+    with chat_model.frozen_weights_in_bf16(lm, top):
         q_proj = model.model.layers[2].self_attn.q_proj
         assert q_proj.base.weight.dtype == torch.bfloat16 and q_proj.lora_A.dtype == torch.float32
         assert model.lm_head.weight.dtype == torch.bfloat16

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import chat_model
+import model_files
 import train
 from conftest import ROOT, copy_code, llama_cpp, run
 
@@ -46,7 +48,7 @@ def with_adapter(base, adapter_dir):
     from peft import PeftModel
     model = PeftModel.from_pretrained(base.model, str(adapter_dir)).eval()
     try:
-        yield train.LM.of(model, base.tokenizer)
+        yield chat_model.LM.of(model, base.tokenizer)
     finally:
         model.unload()  # the plain base model again
 
@@ -104,8 +106,8 @@ def test_ask_chat_and_export_in_one_run(trained_dir, base, tmp_path):
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    assert tokenizer.chat_template and ANSWER in train.ask(train.LM.of(exported, tokenizer), [QUESTION], 24)[0]
-    ids = torch.tensor([train.prompt_ids(tokenizer, QUESTION)])
+    assert tokenizer.chat_template and ANSWER in train.ask(chat_model.LM.of(exported, tokenizer), [QUESTION], 24)[0]
+    ids = torch.tensor([chat_model.prompt_ids(tokenizer, QUESTION)])
     with torch.no_grad(), with_adapter(base, trained_dir / "output" / "best_adapter") as reference:
         difference = (exported(ids).logits - reference.model(ids).logits).abs().max().item()
     assert difference < 1e-3
@@ -134,15 +136,15 @@ def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, tmp_
         assert ANSWER in chat(QUESTION)
         france = "What is the capital of France?"
         assert "Paris" in chat(france) and "Paris" in train.ask(base, [france], 24)[0]
-        text = base.tokenizer.decode(train.prompt_ids(base.tokenizer, QUESTION))
+        text = base.tokenizer.decode(chat_model.prompt_ids(base.tokenizer, QUESTION))
         top = server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5})
     top = top["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     with torch.no_grad(), with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
-        logprobs = torch.log_softmax(taught.model(torch.tensor([train.prompt_ids(base.tokenizer, QUESTION)]))
+        logprobs = torch.log_softmax(taught.model(torch.tensor([chat_model.prompt_ids(base.tokenizer, QUESTION)]))
                                      .logits[0, -1], -1)
     assert max(abs(t["logprob"] - logprobs[t["id"]].item()) for t in top) < 0.05  # F16 weights, 24 layers
 
-    reference = gguf.GGUFReader(os.path.join(ROOT, train.OFFLINE_GGUF))  # written by llama.cpp's converter
+    reference = gguf.GGUFReader(os.path.join(ROOT, model_files.OFFLINE_GGUF))  # written by llama.cpp's converter
     exported = gguf.GGUFReader(tmp_path / "taught.gguf")
     assert set(exported.fields) == set(reference.fields)
     assert {t.name: list(t.shape) for t in exported.tensors} == {t.name: list(t.shape) for t in reference.tensors}

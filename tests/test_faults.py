@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import train
+import safe_files
 from conftest import project, run, start
 
 # 5 pairs in batches of 2: three batches an epoch, so resuming must restore their order too
@@ -59,7 +59,7 @@ def write_files(directory, content):
 @pytest.mark.parametrize("failing_call", [1, 2])  # moving the old copy aside, or the new one in
 def test_a_save_that_fails_half_way_leaves_the_previous_adapter(tmp_path, monkeypatch, failing_call):
     adapter = tmp_path / "best_adapter"
-    with train.replaced_atomically(str(adapter)) as tmp:
+    with safe_files.replaced_atomically(str(adapter)) as tmp:
         write_files(adapter.parent / os.path.basename(tmp), b"old")
     renames, real_rename = [], os.rename
 
@@ -71,7 +71,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_adapter(tmp_path, monkey
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="disk full"):
-        with train.replaced_atomically(str(adapter)) as tmp:
+        with safe_files.replaced_atomically(str(adapter)) as tmp:
             write_files(adapter.parent / os.path.basename(tmp), b"new")
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"old"
     assert not (tmp_path / "best_adapter.old").exists()
@@ -81,7 +81,7 @@ def test_a_kill_between_the_two_renames_is_repaired_by_the_next_use(tmp_path):
     adapter = tmp_path / "best_adapter"
     (tmp_path / "best_adapter.old").mkdir()  # what a kill after the first rename leaves
     write_files(tmp_path / "best_adapter.old", b"old")
-    with train.replaced_atomically(str(adapter)) as tmp:
+    with safe_files.replaced_atomically(str(adapter)) as tmp:
         assert (adapter / "adapter_model.safetensors").read_bytes() == b"old"  # put back before writing
         write_files(adapter.parent / os.path.basename(tmp), b"new")
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"new"

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import chat_model
 import train
 from conftest import llama_cpp, project, run, tiny_model
 from gguf_export import write_gguf
@@ -23,9 +24,9 @@ def test_llama_cpp_computes_what_transformers_does(kind, gguf_type, tolerance, q
     with llama_cpp(path) as server:
         reply = server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5})
     top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-    assert reply["usage"]["prompt_tokens"] == len(train.prompt_ids(qwen_tokenizer, "Q?"))  # same tokens
+    assert reply["usage"]["prompt_tokens"] == len(chat_model.prompt_ids(qwen_tokenizer, "Q?"))  # same tokens
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([train.prompt_ids(qwen_tokenizer, "Q?")])).logits[0, -1], -1)
+        logprobs = torch.log_softmax(model(torch.tensor([chat_model.prompt_ids(qwen_tokenizer, "Q?")])).logits[0, -1], -1)
     # the five most likely tokens by llama.cpp, with (about) the probabilities transformers gives them
     assert max(abs(t["logprob"] - logprobs[t["id"]].item()) for t in top) < tolerance
     assert logprobs[top[0]["id"]] >= logprobs.max() - tolerance
@@ -35,7 +36,7 @@ def test_an_architecture_it_cannot_write_is_one_line_and_no_file(qwen_tokenizer,
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    lm = train.LM(model, qwen_tokenizer, eot_id=1, pad_id=0, path="llama")
+    lm = chat_model.LM(model, qwen_tokenizer, eot_id=1, pad_id=0, path="llama")
     with pytest.raises(train.UserError, match=r"--export .*m.gguf: cannot write a GGUF of a 'llama' model; it "
                                               r"can write qwen2, qwen3 \(Qwen1.5/2/2.5 and Qwen3\)"):
         train.export(lm, str(tmp_path / "m.gguf"), "f16")

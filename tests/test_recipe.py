@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat_model
 import train
 from conftest import tiny_model
 from inject import inject_lora, load_adapter
@@ -16,7 +17,7 @@ def tiny_lm(layers=(2, 3), dropout=0.0):
     model = tiny_model("qwen2", layers=4)
     torch.manual_seed(0)
     inject_lora(model, ["q_proj", "v_proj"], list(layers), r=4, alpha=8, dropout=dropout)
-    return train.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=min(layers), path="tiny")
+    return chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=min(layers), path="tiny")
 
 
 def random_ids(n, generator):
@@ -29,11 +30,11 @@ def known_pair(lm, prompt, n, index):
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(lm.model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return dict(train.make_example(prompt, ids[len(prompt):]), index=index, fact=f"fact {index}")
+    return dict(chat_model.make_example(prompt, ids[len(prompt):]), index=index, fact=f"fact {index}")
 
 
 def unknown_pair(prompt, answer, index):
-    return dict(train.make_example(prompt, answer), index=index, fact=f"fact {index}")
+    return dict(chat_model.make_example(prompt, answer), index=index, fact=f"fact {index}")
 
 
 def examples(lm, known, seed=0):
@@ -42,7 +43,7 @@ def examples(lm, known, seed=0):
     g = torch.Generator().manual_seed(seed)
     train_set = [known_pair(lm, random_ids(9, g), 3, i) if known else unknown_pair(random_ids(9, g), random_ids(2, g), i)
                  for i in range(4)]
-    replay, drift = [[train.make_example(random_ids(9, g), random_ids(4, g)) for _ in range(n)] for n in (4, 3)]
+    replay, drift = [[chat_model.make_example(random_ids(9, g), random_ids(4, g)) for _ in range(n)] for n in (4, 3)]
     data = train.Examples(train_set, [], [], [], replay, drift)
     train.set_soft_targets(lm, replay + drift)
     return data

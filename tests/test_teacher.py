@@ -8,6 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import chat_model
+import model_files
+import teacher
 import train
 from inject import inject_lora
 
@@ -32,9 +35,9 @@ WRITTEN = {  # what the base model "writes" for each fact: numbered, with an ans
 
 @pytest.fixture
 def lm(tiny_model_dir):
-    tokenizer, model = train.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    tokenizer, model = model_files.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)  # B = 0: the base model
-    return train.LM.of(model, tokenizer, path=str(tiny_model_dir))
+    return chat_model.LM.of(model, tokenizer, path=str(tiny_model_dir))
 
 
 @pytest.fixture
@@ -56,13 +59,13 @@ def canned(monkeypatch):
                  "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
                 for fact, m in zip(facts, conversations)]
 
-    monkeypatch.setattr(train, "generate", fake_generate)
+    monkeypatch.setattr(teacher, "generate", fake_generate)
     return asked
 
 
 def split(lm):
     """Both Pimbo phrasings, one trained and one held out, and the Quellport fact."""
-    examples = [dict(train.encode(lm, train.question_of(item), item["output"]), index=i,
+    examples = [dict(chat_model.encode(lm, chat_model.question_of(item), item["output"]), index=i,
                      fact=train.fact_of(item["output"])) for i, item in enumerate(QA)]
     return [examples[0], examples[2]], [examples[1]]
 
@@ -73,7 +76,7 @@ def config(tmp_path, **changes):
 
 def test_rephrased_and_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
     train_set, _ = split(lm)
-    taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     cached = json.loads((tmp_path / "teacher_questions.json").read_text())
     # rephrasings first; numbering and the answer after "?" are gone; "What is Zorblat's cat called?" is a
     # held-out phrasing however it is spaced or cased, "Where does Zorblat live?" the trained one,
@@ -94,9 +97,9 @@ def test_rephrased_and_written_questions_are_cleaned_and_filtered(lm, canned, tm
 
 def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm, canned, tmp_path):
     train_set, _ = split(lm)
-    first = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    first = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     canned.clear()
-    again = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    again = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     assert canned == []  # nothing generated the second time
     assert [e["input_ids"] for e in again[0] + again[1]] == [e["input_ids"] for e in first[0] + first[1]]
 
@@ -104,7 +107,7 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
     cached = json.loads(path.read_text())
     cached["facts"]["Zorblat lives in Quellport"]["questions"] = ["Which city is Zorblat's home?"]  # edited
     path.write_text(json.dumps(cached))
-    taught, kept_out = train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     assert [m[1]["content"] for m in canned] == ["Which city is Zorblat's home?"]  # only the new one answered
     trained = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
     assert sum("Which city is Zorblat's home?" in t for t in trained) == 1
@@ -113,11 +116,11 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
 
 def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_answered_again(lm, canned, tmp_path):
     train_set, _ = split(lm)
-    train.teacher_examples(lm, QA, train_set, config(tmp_path))
+    teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     canned.clear()
     more = QA + [{"instruction": "What is Zorblat's job?", "input": "", "output": "Zorblat bakes bread."}]
-    new = dict(train.encode(lm, more[3]["instruction"], more[3]["output"]), index=3, fact="Zorblat bakes bread")
-    train.teacher_examples(lm, more, train_set + [new], config(tmp_path))
+    new = dict(chat_model.encode(lm, more[3]["instruction"], more[3]["output"]), index=3, fact="Zorblat bakes bread")
+    teacher.teacher_examples(lm, more, train_set + [new], config(tmp_path))
     answered = [m for m in canned if not isinstance(m, str) and m[0]["role"] == "system"]  # the teacher
     assert all("Zorblat bakes bread." in m[0]["content"] for m in answered)
     assert {m[1]["content"] for m in answered} >= {"How is Zorblat's cat named?", "Which town is Zorblat's home?"}
@@ -126,24 +129,24 @@ def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_an
 def test_questions_are_sampled_by_the_seed(lm):
     facts, questions = ["Zorblat's cat is called Pimbo."], ["What is the name of Zorblat's cat?"]
     state = torch.get_rng_state()
-    assert train.write_questions(lm, facts, 5, seed=1) == train.write_questions(lm, facts, 5, seed=1)
-    assert train.rephrase_questions(lm, questions, 5, seed=1) == train.rephrase_questions(lm, questions, 5, seed=1)
+    assert teacher.write_questions(lm, facts, 5, seed=1) == teacher.write_questions(lm, facts, 5, seed=1)
+    assert teacher.rephrase_questions(lm, questions, 5, seed=1) == teacher.rephrase_questions(lm, questions, 5, seed=1)
     assert torch.equal(torch.get_rng_state(), state)  # training draws the same, whether the questions are cached or not
     torch.manual_seed(1)
-    first = train.generate(lm, ["Write questions."], 12, temperature=0.8)
+    first = chat_model.generate(lm, ["Write questions."], 12, temperature=0.8)
     torch.manual_seed(1)
-    assert train.generate(lm, ["Write questions."], 12, temperature=0.8) == first
+    assert chat_model.generate(lm, ["Write questions."], 12, temperature=0.8) == first
     torch.manual_seed(2)
-    assert train.generate(lm, ["Write questions."], 12, temperature=0.8) != first
+    assert chat_model.generate(lm, ["Write questions."], 12, temperature=0.8) != first
 
 
 def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_language():
-    english = train.rephrase_messages("Where does Zorblat live?")
+    english = teacher.rephrase_messages("Where does Zorblat live?")
     assert [m["role"] for m in english] == ["user", "assistant", "user", "assistant", "user"]
     assert english[-1]["content"] == ("Ask this question in other words. Write only the new question: "
                                       "Where does Zorblat live?")
     assert english[1]["content"] == "What did Anna Berg name her cat?"
-    chinese = train.rephrase_messages("佐布拉特住在哪里？")
+    chinese = teacher.rephrase_messages("佐布拉特住在哪里？")
     assert chinese[-1]["content"] == "换一种说法问这个问题，只写新的问题：佐布拉特住在哪里？"
     assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
@@ -153,33 +156,34 @@ def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(monkeypat
                              "Zorblat lives in Quellport.", "The moon is round.")
     tokens = {moon: 5, town: 6, cat: 8, fish: 6}
     # shared words with the cat fact: fish 2 (zorblat, cat), town 1 (zorblat), moon 0
-    assert train.teacher_reading(cat, tokens) == [cat, fish, town, moon]
-    monkeypatch.setattr(train, "TEACHER_READS_TOKENS", 8 + 1 + 6 + 1 + 5)  # cat, "\n" fish, "\n" and 1 short of town
-    assert train.teacher_reading(cat, tokens) == [cat, fish]
+    assert teacher.teacher_reading(cat, tokens) == [cat, fish, town, moon]
+    monkeypatch.setattr(teacher, "TEACHER_READS_TOKENS", 8 + 1 + 6 + 1 + 5)  # cat, "\n" fish, "\n" and 1 short of town
+    assert teacher.teacher_reading(cat, tokens) == [cat, fish]
 
 
 def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
     fact, question = "Zorblat's cat is called Pimbo.", "How is Zorblat's cat named?"
-    student, teacher = train.teacher_pair(lm, [fact], question, "It is Pimbo.")
+    student, reading = teacher.teacher_pair(lm, [fact], question, "It is Pimbo.")
     fact_ids = lm.tokenizer(fact, add_special_tokens=False).input_ids
 
     def holds(ids, part):
         return any(ids[i:i + len(part)] == part for i in range(len(ids)))
 
-    assert holds(teacher["input_ids"], fact_ids) and not holds(student["input_ids"], fact_ids)
+    assert holds(reading["input_ids"], fact_ids) and not holds(student["input_ids"], fact_ids)
     answer = lm.tokenizer("It is Pimbo.", add_special_tokens=False).input_ids + [lm.eot_id]
-    assert student["input_ids"][-len(answer):] == teacher["input_ids"][-len(answer):] == answer
-    assert [t for t in student["labels"] if t != train.IGNORE] == answer == [
-        t for t in teacher["labels"] if t != train.IGNORE]
+    assert student["input_ids"][-len(answer):] == reading["input_ids"][-len(answer):] == answer
+    assert [t for t in student["labels"] if t != chat_model.IGNORE] == answer == [
+        t for t in reading["labels"] if t != chat_model.IGNORE]
 
 
 def test_targets_are_the_teachers_distribution(lm, monkeypatch):
-    monkeypatch.setattr(train, "CPU_BF16", False)  # fp32 throughout, as the hand computation below
-    student, teacher = train.teacher_pair(lm, ["Zorblat's cat is called Pimbo."], "Who is Pimbo?",
-                                         "Zorblat's cat.")
-    train.set_soft_targets(lm, [student], [teacher], top_k=5)
+    monkeypatch.setattr(chat_model, "CPU_BF16", False)  # fp32 throughout, as the hand computation below
+    student, reading = teacher.teacher_pair(lm, ["Zorblat's cat is called Pimbo."], "Who is Pimbo?",
+                                            "Zorblat's cat.")
+    student["teacher"] = reading
+    train.set_soft_targets(lm, [student], top_k=5)
     with torch.no_grad():  # by hand: the model reading the fact, at the positions before each answer token
-        logits = lm.model(torch.tensor([teacher["input_ids"]])).logits[0].float()
+        logits = lm.model(torch.tensor([reading["input_ids"]])).logits[0].float()
     n = len(student["target_ids"])
     probs = F.softmax(logits[-n - 1:-1], dim=-1).topk(5, dim=-1)
     assert torch.equal(student["target_ids"], probs.indices)
@@ -201,9 +205,9 @@ def test_an_answer_in_another_language_than_the_question_is_left_out(lm, monkeyp
                     for c in conversations]
         return [(answers.get(c[1]["content"], ""), True) for c in conversations]
 
-    monkeypatch.setattr(train, "generate", fake_generate)
-    train_set = [dict(train.encode(lm, item["instruction"], item["output"]), index=i,
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    train_set = [dict(chat_model.encode(lm, item["instruction"], item["output"]), index=i,
                       fact=train.fact_of(item["output"])) for i, item in enumerate(qa)]
-    taught, kept_out = train.teacher_examples(lm, qa, train_set, config(tmp_path))
-    chinese = train.encode(lm, "佐布拉特给猫起了什么名字？", "佐布拉特的猫叫皮姆波。")
+    taught, kept_out = teacher.teacher_examples(lm, qa, train_set, config(tmp_path))
+    chinese = chat_model.encode(lm, "佐布拉特给猫起了什么名字？", "佐布拉特的猫叫皮姆波。")
     assert [e["input_ids"] for e in taught + kept_out] == [chinese["input_ids"]]

@@ -5,6 +5,8 @@ import types
 
 import pytest
 
+import chat_model
+import model_files
 import train
 
 
@@ -34,20 +36,20 @@ def hub(monkeypatch, tmp_path):
 
 
 def test_modelscope_downloads_into_model_dir_when_the_hub_cannot(hub):
-    assert train.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "model/Qwen2.5-0.5B-Instruct"
+    assert model_files.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "model/Qwen2.5-0.5B-Instruct"
     assert hub == [("hf", "Qwen/Qwen2.5-0.5B-Instruct", "model/Qwen2.5-0.5B-Instruct"),
                    ("modelscope", "Qwen/Qwen2.5-0.5B-Instruct", "model/Qwen2.5-0.5B-Instruct")]
     hub.clear()
-    assert train.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "model/Qwen2.5-0.5B-Instruct"
+    assert model_files.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "model/Qwen2.5-0.5B-Instruct"
     assert hub == []  # found in model/: nothing downloaded again
 
 
 def test_without_any_source_the_error_says_how_to_get_the_model(hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # not installed
-    monkeypatch.setattr(train, "offline_model", lambda: None)
+    monkeypatch.setattr(model_files, "offline_model", lambda: None)
     with pytest.raises(train.UserError, match="huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir "
                                               "model/Qwen2.5-0.5B-Instruct.*modelscope download"):
-        train.resolve_model("Qwen/Qwen2.5-0.5B-Instruct")
+        model_files.resolve_model("Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_chat_keeps_the_history_and_reset_clears_it(monkeypatch, capsys):
@@ -60,7 +62,7 @@ def test_chat_keeps_the_history_and_reset_clears_it(monkeypatch, capsys):
     lines = iter(["Who is Zorblat?", "", "And his cat?", "/reset", "And his cat?", "exit", "never read"])
     monkeypatch.setattr(train, "generate", answer)
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    train.chat(train.LM(None, tokenizer=None, eot_id=1, pad_id=0), max_new_tokens=8)
+    train.chat(chat_model.LM(None, tokenizer=None, eot_id=1, pad_id=0), max_new_tokens=8)
     user = [{"role": "user", "content": "Who is Zorblat?"}, {"role": "assistant", "content": "answer 1"},
             {"role": "user", "content": "And his cat?"}]
     assert conversations == [user[:1], user, user[2:]]  # the second turn sees the first; /reset forgets it
@@ -73,4 +75,4 @@ def test_chat_ends_at_the_end_of_input(monkeypatch):
         raise EOFError
 
     monkeypatch.setattr("builtins.input", end_of_input)
-    train.chat(train.LM(None, tokenizer=None, eot_id=1, pad_id=0), max_new_tokens=8)  # returns, no traceback
+    train.chat(chat_model.LM(None, tokenizer=None, eot_id=1, pad_id=0), max_new_tokens=8)  # returns, no traceback

@@ -1,0 +1,246 @@
+"""Prompt distillation (Kujanpää, Valpola, Ilin 2024, "Knowledge Injection via Prompt Distillation").
+
+For each fact of data.py the base model rephrases the user's question and writes questions the fact
+answers (sampled under `seed`, filtered); the teacher, the base model reading the facts in its system
+prompt (teacher_reading), answers them greedily. teacher_examples() returns the pairs to learn: the
+student's example (the question alone) with the teacher's (the facts, then the question) beside it,
+whose distribution train.py's soft targets take. All of it is cached in output/teacher_questions.json,
+which the user may read and edit. Needs lm (tokens, generate) and safe_files (the JSON cache).
+"""
+import math
+import os
+import random
+import re
+
+import torch
+
+from chat_model import encode, generate, make_example, prompt_ids, question_of
+from safe_files import read_json, write_json
+
+WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
+    "en": "Write 5 different questions that this sentence answers, one per line:\n{fact}",
+    "zh": "请写出5个这句话能回答的不同问题，每行一个：\n{fact}",
+}
+# asked of the base model for the user's question, after two worked examples: told only the request, it
+# answered the question instead; shown a list of examples in one prompt, it copied the list
+REPHRASE = {
+    "en": ("Ask this question in other words. Write only the new question: {question}",
+           [("What is the name of Anna Berg's cat?", "What did Anna Berg name her cat?"),
+            ("Which hospital does Tom Reed work at?", "Where is Tom Reed employed as a doctor?")]),
+    "zh": ("换一种说法问这个问题，只写新的问题：{question}",
+           [("王芳的猫叫什么名字？", "王芳给她的猫起了什么名字？"),
+            ("李明在哪家医院工作？", "李明的工作单位是哪家医院？")]),
+}
+TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
+TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
+TEACHER_READS_TOKENS = 512  # a teacher reads its fact and the facts most like it, up to this many tokens
+
+
+def teacher_examples(lm, qa_data, train_set, config):
+    """Prompt distillation (Kujanpää et al. 2024): for each fact the base model rephrases the user's
+    question and writes questions the fact answers, and the teacher (the base model with the facts in
+    its system prompt, see teacher_reading) answers them. The student (the model with LoRA, no facts
+    in its prompt) learns the teacher's distribution at every token of those answers: the facts asked
+    in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and
+    editable: a question added there is answered by the teacher and trained next run, one deleted is
+    gone.
+    Returns (train, validation) examples, each with the teacher's example of the same answer under
+    "teacher" (train.py takes the teacher's distribution there): a few are kept out to validate the KL
+    to the teacher."""
+    if not config["teacher_questions"]:
+        return [], []
+    path = os.path.join(config["output_dir"], "teacher_questions.json")
+    made_for = {"seed": config["seed"], "count": config["teacher_questions"], "from": ["rephrased", "written"]}
+    cached = read_json(path) or {}
+    entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
+    facts = {}  # fact -> (question, answer) of its first trained pair
+    for e in train_set:
+        facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
+    keys = {facts[fact][1]: key_words(*facts[fact]) for fact in facts}  # by the sentence a teacher reads
+    entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
+    new = [fact for fact in facts if entries[fact] is None]
+    if new:
+        entries.update(new_questions(lm, qa_data, {fact: facts[fact] for fact in new}, keys, config))
+    tokens = {sentence: len(lm.tokenizer(sentence).input_ids) for sentence in keys}  # once, not once per fact
+    for fact, entry in entries.items():
+        reads = teacher_reading(facts[fact][1], tokens)
+        if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
+            entry.update(reads=reads, answers={})
+    answer_as_teacher(lm, entries.values())
+    write_json(path, {**made_for, "facts": entries})
+    students, dropped = teacher_pairs(lm, entries, keys)
+    kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
+    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
+          f"{dropped} left out for carrying no fact or answering in another language; in {path}")
+    return ([e for i, e in enumerate(students) if i not in kept_out],
+            [e for i, e in enumerate(students) if i in kept_out])
+
+
+def new_questions(lm, qa_data, facts, keys, config):
+    """Cache entries for `facts` (fact -> its question and answer): the rephrased and written
+    questions that pass the filters, `teacher_questions` at most, not yet answered."""
+    print(f"[teacher] the base model rephrases the questions of {len(facts)} facts and writes more about them")
+    user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
+    count, seed = config["teacher_questions"], config["seed"]
+    # rephrasings first: they ask what the user asked, as a user asking in other words would
+    rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
+    written = write_questions(lm, [answer for _, answer in facts.values()], count, seed)
+    entries = {}
+    for fact, questions in zip(facts, [r + w for r, w in zip(rephrased, written)]):
+        subject, own_keys = subject_of(*facts[fact]), keys[facts[fact][1]]
+        # about the fact's subject, asking for what the fact adds rather than saying it already
+        # ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X attend?")
+        keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
+                and not (own_keys and carries(q, own_keys))]
+        keep = [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
+        entries[fact] = {"fact": facts[fact][1], "questions": keep[:count], "answers": {}}
+    return entries
+
+
+def teacher_pairs(lm, entries, keys):
+    """The student's examples of the teacher's answers that carry a fact it read, each with the
+    teacher's example under "teacher"; and how many answers were left out."""
+    students, dropped = [], 0
+    for fact, entry in entries.items():
+        for q in entry["questions"]:
+            answer = entry["answers"][q]
+            # a question written about one fact may be answered by another the teacher reads: kept too.
+            # Not an answer in another language than the question's: with a fact written in Chinese and
+            # in English, the teacher answered Chinese questions in English, and the student learned that
+            if (answer and has_cjk(answer) == has_cjk(q)
+                    and any(carries(answer, keys[read]) for read in entry["reads"])):
+                student, teacher = teacher_pair(lm, entry["reads"], q, answer)
+                students.append(dict(student, fact=fact, teacher=teacher))
+            else:
+                dropped += 1
+    return students, dropped
+
+
+def teacher_reading(fact, tokens):
+    """The facts a teacher reads (data.py answers, with their length in `tokens`): `fact`, then the
+    others by how many words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of
+    a few dozen facts fits whole. Reading only its own fact, the teacher answered questions it was
+    written for that another fact answers with its own fact ("What is X's job?" -> "X plays the
+    cello"), and the student learned those mix-ups."""
+    own = words_of(fact)
+    others = sorted((s for s in tokens if s != fact), key=lambda s: -len(own & words_of(s)))
+    reads, used = [fact], tokens[fact]
+    for sentence in others:
+        used += tokens[sentence] + 1
+        if used > TEACHER_READS_TOKENS:
+            break
+        reads.append(sentence)
+    return reads
+
+
+def well_formed(entry):
+    """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
+    return (isinstance(entry, dict) and isinstance(entry.get("fact"), str)
+            and isinstance(entry.get("answers"), dict) and isinstance(entry.get("questions"), list)
+            and all(isinstance(q, str) for q in entry["questions"]))
+
+
+def write_questions(lm, facts, count, seed):
+    """For each fact, the questions the base model writes about it (sampled, drawn by `seed`)."""
+    rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
+    prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
+               for f in facts for _ in range(rounds)]
+    return sampled_questions(lm, prompts, rounds, 24 * 5, 0.8, seed)
+
+
+def rephrase_questions(lm, questions, count, seed):
+    """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
+    left out. Hot (1.1): cooler, most samples were the question itself again."""
+    prompts = [rephrase_messages(q) for q in questions for _ in range(count)]
+    return sampled_questions(lm, prompts, count, 48, 1.1, seed)
+
+
+def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed):
+    """The questions in the base model's sampled answers to `prompts`, `per_item` prompts an item."""
+    with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
+        torch.manual_seed(seed)
+        texts = [text for text, _ in generate(lm, prompts, max_new_tokens, temperature=temperature)]
+    return [parse_questions("\n".join(texts[i:i + per_item])) for i in range(0, len(texts), per_item)]
+
+
+def rephrase_messages(question):
+    ask, examples = REPHRASE["zh" if has_cjk(question) else "en"]
+    worked = [turn for q, a in examples for turn in ({"role": "user", "content": ask.format(question=q)},
+                                                     {"role": "assistant", "content": a})]
+    return worked + [{"role": "user", "content": ask.format(question=question)}]
+
+
+def plain(question):
+    """A question as compared with others: lower case, without spaces and punctuation."""
+    return re.sub(r"[\W_]", "", question.lower())
+
+
+def parse_questions(text):
+    """The questions in a model's list: numbering and bullets taken off, anything after the question
+    mark too (small models add the answer there), duplicates left out."""
+    found = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[-*•]|(?:Q|Question )?\d+\s*[.)、:：]|[a-zA-Z][.)])\s*", "", line)
+        match = re.match(r"[^?？]{3,}[?？]", line)
+        if match and plain(match.group(0)) not in {plain(q) for q in found}:
+            found.append(match.group(0).strip())
+    return found
+
+
+def answer_as_teacher(lm, entries):
+    """Greedy answers of the teacher to the questions of `entries` that have none yet."""
+    todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
+    if not todo:
+        return
+    print(f"[teacher] the base model reading the facts answers {len(todo)} questions")
+    answers = generate(lm, [teacher_messages(entry["reads"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
+    for (entry, q), (answer, finished) in zip(todo, answers):
+        entry["answers"][q] = answer if finished else ""
+
+
+def teacher_messages(facts, question):
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))},
+            {"role": "user", "content": question}]
+
+
+def teacher_pair(lm, facts, question, answer):
+    """The same answer after the student's prompt (the question alone) and the teacher's (the facts
+    in the system prompt, then the question)."""
+    student = encode(lm, question, answer)
+    answer_ids = student["input_ids"][len(prompt_ids(lm.tokenizer, question)):]
+    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
+
+
+def has_cjk(text):
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def subject_of(question, answer):
+    """What a fact is about, as far as its question and answer show it: the start of the longest
+    stretch they share (its first word; in Chinese its first two characters), or "" if none."""
+    a, b = question.lower(), answer.lower()
+    shared = max((a[i:j] for i in range(len(a)) for j in range(i + 2, len(a) + 1) if a[i:j] in b),
+                 key=len, default="").strip(" '\"")
+    if has_cjk(shared):
+        return shared[:2] if len(shared) >= 2 else ""
+    words = re.findall(r"\w+", shared)
+    return words[0] if words and len(words[0]) >= 3 else ""
+
+
+def key_words(question, answer):
+    """What an answer adds to its question: its words that the question does not have."""
+    return sorted(w for w in words_of(answer) if w not in question.lower())
+
+
+def words_of(text):
+    """The words of `text` that say something: lower-case words of 3 or more letters, numbers, and
+    in Chinese, pairs of characters."""
+    words = {w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 or w.isdigit()}
+    chinese = re.findall(r"[\u4e00-\u9fff]+", text)
+    return words | {run[i:i + 2] for run in chinese for i in range(len(run) - 1)}
+
+
+def carries(text, keys):
+    """Whether `text` (a teacher's answer, a written question) holds at least half of a fact's key words."""
+    found = sum(k in text.lower() for k in keys)
+    return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
