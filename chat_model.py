@@ -6,10 +6,13 @@ matrix products run in bf16; generate() is the one inference path that every cal
 questions and answers, the base model's answers, the recall report, --ask and --chat).
 Needs nothing from the other modules.
 """
+import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 @dataclass
 class LM:
@@ -20,6 +23,7 @@ class LM:
     pad_id: int
     first_lora_layer: int = 0  # the layers below it never change (see cache_frozen_prefix)
     path: str = ""  # where the model was loaded from, written into the adapter and metrics.json
+    copies: dict = field(default_factory=dict, repr=False)  # its layers' generation copies, see generation_weights
 
     @classmethod
     def of(cls, model, tokenizer, **fields):
@@ -73,9 +77,11 @@ def make_example(prompt, target):
 
 # bf16 matrix products on CPUs that have them (AVX512-BF16, AMX): the LM head runs ~3x, a training step ~1.4x
 # faster than in fp32. The LoRA tensors and the loss stay fp32, and so do the stored weights (merge, export);
-# training, caching and generation use bf16 copies of the frozen ones (frozen_weights_in_bf16).
-CPU_BF16 = any(getattr(torch.cpu, check, lambda: False)()
-               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+# training and caching use bf16 copies of the frozen ones (frozen_weights_in_bf16). Most laptop CPUs have no
+# bf16 instructions (there bf16 products are ~10x slower than fp32): QWEN_LORA_FP32=1 takes their path on any CPU.
+CPU_BF16 = not os.environ.get("QWEN_LORA_FP32") and any(getattr(torch.cpu, check, lambda: False)()
+                                                        for check in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported"))
 
 
 def uses_bf16(lm):
@@ -95,10 +101,10 @@ def frozen_weights_in_bf16(lm, modules):
     runs, the frozen nn.Linear weights of `modules` are bf16 copies, and the fp32 ones come back
     after (a tied LM head gets a copy of its own; the input embedding stays fp32)."""
     linears = [m for module in modules for m in module.modules()
-               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad] if uses_bf16(lm) else []
+               if isinstance(m, nn.Linear) and not m.weight.requires_grad] if uses_bf16(lm) else []
     saved = [(m, m.weight) for m in linears]
     for m in linears:
-        m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
+        m.weight = nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
     try:
         yield
     finally:
@@ -106,28 +112,178 @@ def frozen_weights_in_bf16(lm, modules):
             m.weight = weight
 
 
+# ----------------------------------------------------------------------------- generation
+
+class Bf16Linear(nn.Module):
+    """A frozen nn.Linear for generation where bf16 products are fast: its weight as bf16."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, x):
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+WEIGHT_STEPS = 63  # Int8Linear's weight levels each side of zero
+
+
+class Int8Linear(nn.Module):
+    """A frozen nn.Linear for generation on CPUs without bf16: the weight in int8 with a scale per
+    output row, each input row in int8 with a scale of its own, the product in int8 (torch._int_mm):
+    ~2.5x faster than fp32 on AVX2 at the few rows a decoding step has, a quarter of the memory.
+    The weight uses 7 bits (-63..63): without VNNI (AVX2) the product adds pairs of byte products
+    in 16 bits, which full-range int8 weights overflow (errors of ~20% of the result, measured)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.scale = (weight.abs().amax(1) / WEIGHT_STEPS).clamp_min(1e-12)
+        self.weight_t = torch.round(weight / self.scale[:, None]).to(torch.int8).T  # (in, out)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        row_scale = (rows.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
+        products = torch._int_mm(torch.round(rows / row_scale).to(torch.int8), self.weight_t)
+        out = products * (row_scale * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def generation_copy(lm):
+    """What generation computes the frozen nn.Linear layers with: bf16 copies where bf16 products are
+    fast (CUDA, AVX512-BF16/AMX CPUs), int8 ones on other CPUs (fp32 products there ran ~12 tokens/s
+    a row of 16), None elsewhere (MPS: fp32)."""
+    if uses_bf16(lm):
+        return Bf16Linear
+    return Int8Linear if lm.model.device.type == "cpu" else None
+
+
+@contextmanager
+def generation_weights(lm):
+    """While the block runs, every nn.Linear of the model is replaced by its generation copy
+    (generation_copy). The copies are made once and kept on `lm` while the weights stay as they are:
+    merge() changes them in place (a new tensor version), and then they are made again."""
+    kind = generation_copy(lm)
+    # not a LoRA's A and B where they are nn.Linear (PEFT, which the tests load): they are the adapter
+    swaps = [(parent, name, child) for path, parent in list(lm.model.named_modules())
+             for name, child in parent.named_children()
+             if isinstance(child, nn.Linear) and ".lora_" not in f".{path}.{name}"] if kind else []
+    for parent, name, child in swaps:
+        made_for = (kind, child.weight._version)
+        if lm.copies.get(child, (None,))[0] != made_for:
+            lm.copies[child] = (made_for, kind(child))
+        setattr(parent, name, lm.copies[child][1])
+    try:
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
 @torch.no_grad()
-def generate(lm, conversations, max_new_tokens, batch_size=16, streamer=None, temperature=None):
+def generate(lm, conversations, max_new_tokens, temperature=None, lines=None, streamer=None, batch_size=32):
     """Greedy (or, with a `temperature`, sampled) answers to `conversations` (questions or message lists,
-    see prompt_ids), stopping at end-of-turn. Returns [(text, finished)]. The one inference path of
-    train.py: replay and teacher answers, the questions the teacher answers, the recall report, the
-    forgetting check, sample answers, --ask and --chat all use it.
-    A `streamer` (batch of one) prints the answer token by token."""
-    tokenizer, stops = lm.tokenizer, [lm.eot_id, lm.tokenizer.eos_token_id]
-    results = []
-    with frozen_weights_in_bf16(lm, [lm.model]), bf16_products(lm):  # ~1.7x faster on this CPU
-        for start in range(0, len(conversations), batch_size):
-            prompts = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
-            width = max(map(len, prompts))  # left padding, so every answer starts at column `width`
-            ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p for p in prompts], device=lm.model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
-                                device=lm.model.device)
-            out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    eos_token_id=stops, pad_token_id=lm.pad_id, streamer=streamer,
-                                    **(dict(do_sample=True, temperature=temperature, top_p=0.95)
-                                       if temperature else dict(do_sample=False)))
-            for row in out[:, width:].tolist():
-                stop = next((i for i, t in enumerate(row) if t in stops), len(row))
-                text = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
-                results.append((text, stop < len(row)))
+    see prompt_ids). Each answer stops at its own end-of-turn, or once it has `lines` lines (a rephrased
+    question is one line, a list of five questions five), or at `max_new_tokens`. Returns [(text,
+    finished)], finished meaning it reached its end. The one inference path of train.py: the teacher's
+    questions and answers, the base model's answers, the recall report, the forgetting check, sample
+    answers, --ask and --chat all use it. A `streamer` (batch of one) prints the answer token by token.
+    Prompts are sorted so that a batch shares a long start (the teacher's facts, the system prompt),
+    which runs once for the batch; finished rows leave the batch."""
+    prompts = [prompt_ids(lm.tokenizer, c) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    results = [None] * len(prompts)
+    with generation_weights(lm):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            answers = decode(lm, [prompts[i] for i in chunk], max_new_tokens, temperature, lines, streamer)
+            for i, (tokens, finished) in zip(chunk, answers):
+                results[i] = (lm.tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished)
     return results
+
+
+def decode(lm, prompts, max_new_tokens, temperature, lines, streamer):
+    """[(answer tokens, finished)] for a batch of prompt token lists (see generate)."""
+    device, stops = lm.model.device, {lm.eot_id, lm.tokenizer.eos_token_id}
+    shared, cache = shared_start(lm, prompts)
+    width = max(map(len, prompts))  # the rest of each prompt is left-padded after the shared start
+    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * (len(p) - shared) for p in prompts],
+                        device=device)
+    ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p[shared:] for p in prompts], device=device)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)[:, shared:]
+    answers, finished, counts = [[] for _ in prompts], [False] * len(prompts), LineCounts(lm, len(prompts))
+    rows = list(range(len(prompts)))  # the rows still answering, in the batch's order
+    if streamer is not None:
+        streamer.put(torch.tensor(prompts[0]))
+    for _ in range(max_new_tokens):
+        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
+        chosen = next_tokens(logits, temperature).tolist()
+        for row, token in zip(rows, chosen):
+            if token in stops:
+                finished[row] = True
+            else:
+                answers[row].append(token)
+                finished[row] = bool(lines) and counts.add(row, token) >= lines
+        if streamer is not None and not finished[0]:
+            streamer.put(torch.tensor([chosen[0]]))
+        going = [j for j, row in enumerate(rows) if not finished[row]]
+        if not going:
+            break
+        if len(going) < len(rows):  # finished rows leave the batch
+            keep = torch.tensor(going, device=device)
+            cache.batch_select_indices(keep)
+            mask, positions = mask[keep], positions[keep]
+        rows = [rows[j] for j in going]
+        ids = torch.tensor([[chosen[j]] for j in going], device=device)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
+        positions = positions[:, -1:] + 1
+    if streamer is not None:
+        streamer.end()
+    return list(zip(answers, finished))
+
+
+def shared_start(lm, prompts):
+    """(n, cache): the first n tokens, which every prompt has (and a token more), run once through the
+    model, their keys and values repeated for every prompt."""
+    from transformers import DynamicCache
+    n = 0
+    while n < min(map(len, prompts)) - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    cache = DynamicCache(config=lm.model.config)
+    if n:
+        lm.model(input_ids=torch.tensor([prompts[0][:n]], device=lm.model.device), cache=cache,
+                 use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    return n, cache
+
+
+def next_tokens(logits, temperature, top_p=0.95, candidates=64):
+    """The greedy choice, or a sample at `temperature` from the smallest set of the most likely tokens
+    holding `top_p` of the probability, looked for among the `candidates` most likely (no sort of
+    the whole vocabulary at every step)."""
+    if not temperature:
+        return logits.argmax(-1)
+    top = torch.topk(logits.float() / temperature, candidates, dim=-1)
+    probs = F.softmax(top.values, dim=-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0)  # beyond the nucleus
+    return top.indices.gather(1, torch.multinomial(probs, 1))[:, 0]
+
+
+class LineCounts:
+    """How many lines each row's answer has finished (a line counts once it holds some text)."""
+
+    def __init__(self, lm, rows):
+        self.tokenizer, self.lines, self.in_line = lm.tokenizer, [0] * rows, [False] * rows
+
+    def add(self, row, token):
+        for char in self.tokenizer.decode([token]):
+            if char == "\n" and self.in_line[row]:
+                self.lines[row], self.in_line[row] = self.lines[row] + 1, False
+            elif not char.isspace():
+                self.in_line[row] = True
+        return self.lines[row]

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import time
 
 import torch
 
@@ -50,7 +51,8 @@ def teacher_examples(lm, qa_data, train_set, config):
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
-    made_for = {"seed": config["seed"], "count": config["teacher_questions"], "from": ["rephrased", "written"]}
+    made_for = {"seed": config["seed"], "count": config["teacher_questions"],
+                "from": ["rephrased", "written"]}
     cached = read_json(path) or {}
     entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
     facts = {}  # fact -> (question, answer) of its first trained pair
@@ -70,67 +72,86 @@ def teacher_examples(lm, qa_data, train_set, config):
     write_json(path, {**made_for, "facts": entries})
     students, dropped = teacher_pairs(lm, entries, keys)
     kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
-    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate), "
-          f"{dropped} left out for carrying no fact or answering in another language; in {path}")
+    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
+          f"left out: {dropped['cut']} cut at {TEACHER_MAX_TOKENS} tokens, {dropped['no fact']} carrying no fact, "
+          f"{dropped['language']} in another language; in {path}")
     return ([e for i, e in enumerate(students) if i not in kept_out],
             [e for i, e in enumerate(students) if i in kept_out])
 
 
 def new_questions(lm, qa_data, facts, keys, config):
     """Cache entries for `facts` (fact -> its question and answer): the rephrased and written
-    questions that pass the filters, `teacher_questions` at most, not yet answered."""
-    print(f"[teacher] the base model rephrases the questions of {len(facts)} facts and writes more about them")
+    questions that pass the filters, `teacher_questions` at most, not yet answered. Rephrasings come
+    first: they ask what the user asked, as a user asking in other words would; the base model
+    writes questions only for the facts whose rephrasings leave places, as many as are left."""
+    print(f"[teacher] the base model rephrases the questions of {len(facts)} facts and writes more "
+          f"about them")
+    started = time.time()
     user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
     count, seed = config["teacher_questions"], config["seed"]
-    # rephrasings first: they ask what the user asked, as a user asking in other words would
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
-    written = write_questions(lm, [answer for _, answer in facts.values()], count, seed)
-    entries = {}
-    for fact, questions in zip(facts, [r + w for r, w in zip(rephrased, written)]):
-        subject, own_keys = subject_of(*facts[fact]), keys[facts[fact][1]]
-        # about the fact's subject, asking for what the fact adds rather than saying it already
-        # ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X attend?")
-        keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
-                and not (own_keys and carries(q, own_keys))]
-        keep = [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
-        entries[fact] = {"fact": facts[fact][1], "questions": keep[:count], "answers": {}}
-    return entries
+    kept = {fact: usable(questions, facts[fact], keys, user_questions)
+            for fact, questions in zip(facts, rephrased)}
+    short = [fact for fact in facts if len(kept[fact]) < count]
+    written = write_questions(lm, [facts[fact][1] for fact in short],
+                              [count - len(kept[fact]) for fact in short], seed)
+    for fact, questions in zip(short, written):
+        kept[fact] = usable(kept[fact] + questions, facts[fact], keys, user_questions)
+    sampled = sum(map(len, rephrased)) + sum(map(len, written))
+    print(f"[teacher] {sampled} questions sampled in {time.time() - started:.1f}s ({len(short)} facts needed "
+          f"written ones), {sum(min(len(q), count) for q in kept.values())} kept; the others repeat one, ask "
+          f"the user's own question, miss the subject or say the answer")
+    return {fact: {"fact": facts[fact][1], "questions": kept[fact][:count], "answers": {}} for fact in facts}
+
+
+def usable(questions, fact, keys, user_questions):
+    """The questions about the fact's subject that ask for what the fact adds rather than saying it
+    already ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X
+    attend?"), none of the user's own, each once."""
+    subject, own_keys = subject_of(*fact), keys[fact[1]]
+    keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
+            and not (own_keys and carries(q, own_keys))]
+    return [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
 
 
 def teacher_pairs(lm, entries, keys):
     """The student's examples of the teacher's answers that carry a fact it read, each with the
-    teacher's example under "teacher"; and how many answers were left out."""
-    students, dropped = [], 0
+    teacher's example under "teacher"; and how many answers were left out, by why."""
+    students, dropped = [], {"cut": 0, "no fact": 0, "language": 0}
     for fact, entry in entries.items():
         for q in entry["questions"]:
             answer = entry["answers"][q]
             # a question written about one fact may be answered by another the teacher reads: kept too.
             # Not an answer in another language than the question's: with a fact written in Chinese and
             # in English, the teacher answered Chinese questions in English, and the student learned that
-            if (answer and has_cjk(answer) == has_cjk(q)
-                    and any(carries(answer, keys[read]) for read in entry["reads"])):
+            if not answer:
+                dropped["cut"] += 1
+            elif not any(carries(answer, keys[read]) for read in entry["reads"]):
+                dropped["no fact"] += 1
+            elif has_cjk(answer) != has_cjk(q):
+                dropped["language"] += 1
+            else:
                 student, teacher = teacher_pair(lm, entry["reads"], q, answer)
                 students.append(dict(student, fact=fact, teacher=teacher))
-            else:
-                dropped += 1
     return students, dropped
 
 
 def teacher_reading(fact, tokens):
-    """The facts a teacher reads (data.py answers, with their length in `tokens`): `fact`, then the
-    others by how many words they share with it, while they fit in TEACHER_READS_TOKENS. A data.py of
-    a few dozen facts fits whole. Reading only its own fact, the teacher answered questions it was
-    written for that another fact answers with its own fact ("What is X's job?" -> "X plays the
-    cello"), and the student learned those mix-ups."""
+    """The facts a teacher reads (data.py answers in data.py's order, with their length in `tokens`):
+    `fact` and the others that share the most words with it, while they fit in TEACHER_READS_TOKENS,
+    in data.py's order, so that teachers reading the same facts have the same prompt, which generation
+    computes once (a data.py of a few dozen facts fits whole). Reading only its own fact, the teacher
+    answered questions it was written for that another fact answers with its own fact ("What is X's
+    job?" -> "X plays the cello"), and the student learned those mix-ups."""
     own = words_of(fact)
     others = sorted((s for s in tokens if s != fact), key=lambda s: -len(own & words_of(s)))
-    reads, used = [fact], tokens[fact]
+    chosen, used = {fact}, tokens[fact]
     for sentence in others:
         used += tokens[sentence] + 1
         if used > TEACHER_READS_TOKENS:
             break
-        reads.append(sentence)
-    return reads
+        chosen.add(sentence)
+    return [sentence for sentence in tokens if sentence in chosen]
 
 
 def well_formed(entry):
@@ -140,27 +161,31 @@ def well_formed(entry):
             and all(isinstance(q, str) for q in entry["questions"]))
 
 
-def write_questions(lm, facts, count, seed):
-    """For each fact, the questions the base model writes about it (sampled, drawn by `seed`)."""
-    rounds = math.ceil(count / 5) + 1  # each answer holds up to 5; about half survive the filters
+def write_questions(lm, facts, needs, seed):
+    """For each fact, the questions the base model writes about it (sampled, drawn by `seed`): lists
+    of five, enough of them for its `needs` questions (about half survive the filters)."""
+    rounds = [math.ceil(2 * need / 5) for need in needs]
     prompts = [WRITE_QUESTIONS["zh" if has_cjk(f) else "en"].format(fact=f)
-               for f in facts for _ in range(rounds)]
-    return sampled_questions(lm, prompts, rounds, 24 * 5, 0.8, seed)
+               for f, n in zip(facts, rounds) for _ in range(n)]
+    return sampled_questions(lm, prompts, rounds, 24 * 5, 0.8, seed, lines=5)
 
 
 def rephrase_questions(lm, questions, count, seed):
     """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
     left out. Hot (1.1): cooler, most samples were the question itself again."""
     prompts = [rephrase_messages(q) for q in questions for _ in range(count)]
-    return sampled_questions(lm, prompts, count, 48, 1.1, seed)
+    return sampled_questions(lm, prompts, [count] * len(questions), 48, 1.1, seed, lines=1)
 
 
-def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed):
-    """The questions in the base model's sampled answers to `prompts`, `per_item` prompts an item."""
+def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed, lines):
+    """The questions in the base model's sampled answers to `prompts`, per_item[i] prompts for item i,
+    each answer `lines` lines at most."""
     with torch.random.fork_rng():  # training draws the same numbers whether or not the questions are cached
         torch.manual_seed(seed)
-        texts = [text for text, _ in generate(lm, prompts, max_new_tokens, temperature=temperature)]
-    return [parse_questions("\n".join(texts[i:i + per_item])) for i in range(0, len(texts), per_item)]
+        answers = generate(lm, prompts, max_new_tokens, temperature=temperature, lines=lines)
+    texts = [text for text, _ in answers]
+    starts = [sum(per_item[:i]) for i in range(len(per_item) + 1)]
+    return [parse_questions("\n".join(texts[a:b])) for a, b in zip(starts, starts[1:])]
 
 
 def rephrase_messages(question):
@@ -192,10 +217,12 @@ def answer_as_teacher(lm, entries):
     todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
     if not todo:
         return
-    print(f"[teacher] the base model reading the facts answers {len(todo)} questions")
+    started = time.time()
     answers = generate(lm, [teacher_messages(entry["reads"], q) for entry, q in todo], TEACHER_MAX_TOKENS)
     for (entry, q), (answer, finished) in zip(todo, answers):
         entry["answers"][q] = answer if finished else ""
+    print(f"[teacher] the base model reading the facts answered {len(todo)} questions in "
+          f"{time.time() - started:.1f}s")
 
 
 def teacher_messages(facts, question):

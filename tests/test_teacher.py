@@ -129,7 +129,7 @@ def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_an
 def test_questions_are_sampled_by_the_seed(lm):
     facts, questions = ["Zorblat's cat is called Pimbo."], ["What is the name of Zorblat's cat?"]
     state = torch.get_rng_state()
-    assert teacher.write_questions(lm, facts, 5, seed=1) == teacher.write_questions(lm, facts, 5, seed=1)
+    assert teacher.write_questions(lm, facts, [5], seed=1) == teacher.write_questions(lm, facts, [5], seed=1)
     assert teacher.rephrase_questions(lm, questions, 5, seed=1) == teacher.rephrase_questions(lm, questions, 5, seed=1)
     assert torch.equal(torch.get_rng_state(), state)  # training draws the same, whether the questions are cached or not
     torch.manual_seed(1)
@@ -151,12 +151,12 @@ def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_langua
     assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
 
-def test_the_teacher_reads_its_fact_then_the_most_alike_while_they_fit(monkeypatch):
+def test_the_teacher_reads_its_fact_and_the_most_alike_while_they_fit_in_data_py_order(monkeypatch):
     cat, fish, town, moon = ("Zorblat's cat is called Pimbo.", "Zorblat's cat likes fish.",
                              "Zorblat lives in Quellport.", "The moon is round.")
     tokens = {moon: 5, town: 6, cat: 8, fish: 6}
-    # shared words with the cat fact: fish 2 (zorblat, cat), town 1 (zorblat), moon 0
-    assert teacher.teacher_reading(cat, tokens) == [cat, fish, town, moon]
+    # shared words with the cat fact: fish 2 (zorblat, cat), town 1 (zorblat), moon 0; in data.py's order
+    assert teacher.teacher_reading(cat, tokens) == [moon, town, cat, fish]
     monkeypatch.setattr(teacher, "TEACHER_READS_TOKENS", 8 + 1 + 6 + 1 + 5)  # cat, "\n" fish, "\n" and 1 short of town
     assert teacher.teacher_reading(cat, tokens) == [cat, fish]
 
