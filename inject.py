@@ -110,8 +110,9 @@ def save_adapter(model, out_dir, base_model_name):
 def load_adapter(model, adapter_dir):
     """Copy a saved adapter into a model that already has the same LoRALinear layers."""
     state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    expected = lora_state_dict(model)
-    if set(state) != set(expected):
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight" for name in lora_modules(model)
+                for part in ("lora_A", "lora_B")}
+    if set(state) != expected:
         extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
         raise ValueError(f"adapter in {adapter_dir} does not match the model's LoRA layers "
                          f"(unexpected: {extra[:2]}, missing: {missing[:2]})")

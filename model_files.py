@@ -159,12 +159,17 @@ def pick_device():
     return torch.device("cpu"), torch.float32
 
 
+def files_of(path):
+    """(directory, keyword arguments) for transformers' from_pretrained of a model directory or a .gguf
+    file (whose weights transformers dequantizes to float)."""
+    if path.endswith(".gguf"):
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
 def load_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if path.endswith(".gguf"):  # transformers dequantizes GGUF weights to float
-        directory, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
-    else:
-        directory, kwargs = path, {}
+    directory, kwargs = files_of(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
