@@ -2,8 +2,8 @@
 
 UserError is a problem the user can fix; only train.main() turns it into `error: ...` and exit code 2.
 Directories (the best adapter, the resume state, the converted model) are replaced atomically, and the
-JSON caches are written through a temporary file and read back without trusting a half-written or
-hand-broken one. Needs nothing from the other modules.
+caches (JSON, safetensors) are written through a temporary file and read back without trusting a
+half-written or hand-broken one. Needs nothing from the other modules.
 """
 import json
 import os
@@ -55,6 +55,29 @@ def read_json(path):
         print(f"[files] {path} is not a JSON object: making it again")
         return None
     return data
+
+
+def read_tensors(path, made_for):
+    """The tensors of a safetensors cache that train.py wrote for `made_for` (its metadata, str -> str),
+    or {} when there is none, it was made for something else, or it cannot be read."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        return {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            if f.metadata() != made_for:
+                return {}
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # a crash while writing it, a file that is not safetensors
+        print(f"[files] {path} cannot be read ({type(e).__name__}): making it again")
+        return {}
+
+
+def write_tensors(path, tensors, made_for):
+    """Write a safetensors cache through a temporary file, so a crash never leaves half a file."""
+    from safetensors.torch import save_file
+    save_file({key: t.contiguous() for key, t in tensors.items()}, path + ".tmp", metadata=made_for)
+    os.replace(path + ".tmp", path)
 
 
 def write_json(path, data):

@@ -89,14 +89,28 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer):
 
 
 @contextmanager
-def llama_cpp(gguf_path):
-    """A real llama.cpp (the xllamacpp package's prebuilt server) with a GGUF file loaded."""
+def llama_cpp(gguf_path, adapter=None):
+    """A real llama.cpp (the xllamacpp package's prebuilt server) with a GGUF file loaded, and a GGUF LoRA
+    adapter applied on top of it (scale 1), as `llama-server -m MODEL --lora ADAPTER` does."""
     import xllamacpp
     params = xllamacpp.CommonParams()
     params.model.path = str(gguf_path)
+    if adapter:
+        params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)]
     params.n_ctx = 512
     params.cpuparams.n_threads = 2
     yield xllamacpp.Server(params)
+
+
+def padded_batch(examples, pad_id):
+    """What a plain training loop feeds the model: right-padded ids, attention mask and labels (IGNORE
+    on the prompt and the padding), the reference that train.pack() must compute alike."""
+    width = max(len(e["input_ids"]) for e in examples)
+    rows = [(e["input_ids"] + [pad_id] * (width - len(e["input_ids"])), [1] * len(e["input_ids"]) + [0] * (
+        width - len(e["input_ids"])), e["labels"] + [chat_model.IGNORE] * (width - len(e["input_ids"])))
+            for e in examples]
+    ids, mask, labels = (torch.tensor([row[k] for row in rows]) for k in range(3))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def copy_code(directory):

@@ -42,7 +42,7 @@ def right(answer, keywords):
     return any(k.lower() in answer.lower() for k in ((keywords,) if isinstance(keywords, str) else keywords))
 
 
-def train_once(facts, seed, overrides, work, shared_cache):
+def train_once(facts, seed, overrides, work, shared_cache, fp32):
     """One `python train.py` in a fresh copy of the tool; returns its metrics.json."""
     os.makedirs(os.path.join(work, "output"))
     copy_code(work)
@@ -57,8 +57,8 @@ def train_once(facts, seed, overrides, work, shared_cache):
         json.dump({**config, "seed": seed, **overrides}, f)
     for name in os.listdir(shared_cache):  # the base model's answers: the same for every run
         shutil.copy(os.path.join(shared_cache, name), os.path.join(work, "output"))
-    result = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True,
-                            env=dict(os.environ, TQDM_DISABLE="1"))
+    env = dict(os.environ, TQDM_DISABLE="1", **({"QWEN_LORA_FP32": "1"} if fp32 else {}))
+    result = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         sys.exit(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     for name in os.listdir(os.path.join(work, "output")):
@@ -107,6 +107,20 @@ def score(facts, metrics, answers, base_ordinary):
     }
 
 
+def print_table(runs, sets, seeds, overrides):
+    """The README's table: the mean over seeds of each set, and of all."""
+    columns = ("facts_trained", "trained_questions", "other_words", "ordinary_kept", "teacher_other_words",
+               "train_seconds")
+    print(f"\nmean of seeds {seeds}" + (f", config changes {overrides}" if overrides else ""))
+    print("| set | facts trained | trained questions | other words | ordinary kept | "
+          "base model reading the facts: other words | train s |")
+    print("|---|---|---|---|---|---|---|")
+    for name in sets + ["all"]:
+        chosen = [r for r in runs if name in ("all", r["set"])]
+        means = [statistics.mean(r[c] for r in chosen) for c in columns]
+        print(f"| {name} | " + " | ".join(f"{m:.0%}" for m in means[:-1]) + f" | {means[-1]:.0f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["en_person", "en_places", "zh_en_person", "zh_places"],
@@ -115,6 +129,8 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config.json key (value as JSON), e.g. --set lr=0.003")
     parser.add_argument("--out", default=os.path.join(ROOT, "output", "eval_knowledge.json"))
+    parser.add_argument("--fp32", action="store_true",
+                        help="train as on a CPU without bf16 (QWEN_LORA_FP32=1), also where the CPU has it")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     reader, runs = None, []
@@ -125,7 +141,8 @@ def main():
             facts = FACT_SETS[name]
             reading = None
             for seed in args.seeds:
-                metrics = train_once(facts, seed, overrides, os.path.join(tmp, f"{name}_{seed}"), shared_cache)
+                metrics = train_once(facts, seed, overrides, os.path.join(tmp, f"{name}_{seed}"), shared_cache,
+                                     args.fp32)
                 reader = reader or Reader(metrics["model"])
                 questions = [f[0] for f in facts] + [q for f in facts for q in f[3]] + [q for q, _ in ORDINARY]
                 reading = reading or reader.reading(facts, [q for f in facts for q in f[3]])
@@ -142,16 +159,7 @@ def main():
                       f"{run['trained_questions']:.0%}  other words {run['other_words']:.0%}  ordinary "
                       f"{run['ordinary_kept']:.0%}  (reading the facts: other words {run['teacher_other_words']:.0%})  epochs {run['epochs']} (best {run['best_epoch']})  "
                       f"{run['train_seconds']:.0f}s", flush=True)
-    columns = ("facts_trained", "trained_questions", "other_words", "ordinary_kept", "teacher_other_words",
-               "train_seconds")
-    print(f"\nmean of seeds {args.seeds}" + (f", config changes {overrides}" if overrides else ""))
-    print("| set | facts trained | trained questions | other words | ordinary kept | "
-          "base model reading the facts: other words | train s |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.sets + ["all"]:
-        chosen = [r for r in runs if name in ("all", r["set"])]
-        means = [statistics.mean(r[c] for r in chosen) for c in columns]
-        print(f"| {name} | " + " | ".join(f"{m:.0%}" for m in means[:-1]) + f" | {means[-1]:.0f} |")
+    print_table(runs, args.sets, args.seeds, overrides)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"seeds": args.seeds, "config_changes": overrides, "runs": runs,

@@ -35,7 +35,7 @@ def main():
 
     def epoch():
         set_lora_training(model, True)
-        for batch in train.length_batches(train_set, 4, random.Random(0)):
+        for batch in train.shuffled_batches(train_set, 4, random.Random(0)):
             loss, _ = train.batch_loss(lm, batch)
             optimizer.zero_grad()
             loss.backward()

@@ -73,7 +73,7 @@ def test_frozen_weights_in_bf16_compute_what_autocast_does_and_come_back_as_they
     for m in lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B, std=0.5)
     lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=0)
-    batch = train.collate(examples(), lm.pad_id, "cpu")
+    batch = train.pack(examples(), "cpu")
     top = [*model.model.layers[2:], model.lm_head]
     weights = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
 

@@ -1,7 +1,8 @@
 """Chat formatting on the real Qwen tokenizer (ChatML), in both arrangements of its special tokens:
 pad != end of turn (Qwen2.5-Instruct) and pad = end of turn (as SmolLM2 and other ChatML models have it)."""
+import os
+
 import pytest
-import torch
 
 import chat_model
 import train
@@ -41,36 +42,14 @@ def test_training_text_is_the_inference_template_plus_answer(tokenizer, lm):
     assert full.startswith(tokenizer.decode(example["input_ids"]))  # the template ends the turn with <|im_end|>\n
 
 
-def test_padding_carries_no_loss_and_the_end_of_turn_keeps_its_label(lm):
+def test_a_packed_batch_trains_the_answers_and_end_of_turn_only(lm):
     short, long = chat_model.encode(lm, "Q?", "A."), chat_model.encode(lm, "A longer question?", "B.")
-    batch = train.collate([short, long], lm.pad_id, "cpu")
-    n = len(short["input_ids"])
-    assert (batch["input_ids"][0, n:] == lm.pad_id).all() and batch["attention_mask"][0, n:].sum() == 0
-    assert (batch["labels"][0, n:] == chat_model.IGNORE).all()
-    assert batch["labels"][0, n - 1] == lm.eot_id  # even where pad and end of turn are one token
-    assert (batch["labels"][0, :n] == batch["labels"].new_tensor(short["labels"])).all()
-
-
-class CannedModel(torch.nn.Module):
-    """Stands in for a model whose greedy answer is fixed: `row` after every prompt."""
-    device = torch.device("cpu")
-
-    def __init__(self, row):
-        super().__init__()
-        self.row = row
-
-    def generate(self, input_ids, eos_token_id, **kwargs):
-        self.stops = eos_token_id
-        return torch.cat([input_ids, torch.tensor([self.row] * len(input_ids))], dim=1)
-
-
-def test_generation_stops_at_end_of_turn_and_says_whether_the_answer_finished(tokenizer, lm):
-    words = tokenizer("Paris is nice", add_special_tokens=False).input_ids
-    finished = CannedModel(words + [lm.eot_id, lm.pad_id, lm.pad_id])  # generate pads a row that has ended
-    assert chat_model.generate(chat_model.LM.of(finished, tokenizer), ["Q?", "Another Q?"], 8) == [("Paris is nice", True)] * 2
-    assert lm.eot_id in finished.stops
-    cut = CannedModel(words)  # ran out of max_new_tokens before the end of turn
-    assert chat_model.generate(chat_model.LM.of(cut, tokenizer), ["Q?"], 3) == [("Paris is nice", False)]
+    batch = train.pack([short, long], "cpu")
+    trained = batch["targets"][batch["targets"] != chat_model.IGNORE].tolist()
+    answers = [t for e in (short, long) for t in e["labels"] if t != chat_model.IGNORE]
+    assert trained == answers and trained.count(lm.eot_id) == 2  # even where pad and end of turn are one token
+    shared = len(os.path.commonprefix([short["input_ids"], long["input_ids"]]))  # the system prompt and more
+    assert shared > 10 and batch["input_ids"].shape[1] == len(short["input_ids"]) + len(long["input_ids"]) - shared
 
 
 def test_question_appends_input():

@@ -3,6 +3,7 @@ Qwen2.5-Coder-0.5B-Instruct: before training the model cannot answer a made-up f
 saved adapter can, through PEFT, --ask, --chat and an --export."""
 import json
 import os
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -120,34 +121,73 @@ def test_using_the_model_before_training_says_train_first(tmp_path):
     assert result.stderr.strip() == "error: no trained adapter in output/best_adapter: run `python train.py` first"
 
 
-def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, tmp_path):
+@pytest.fixture(scope="module")
+def merged_gguf(trained_dir, tmp_path_factory):
+    """--export taught.gguf of the trained run: the base with the adapter merged in, F16."""
+    out = tmp_path_factory.mktemp("merged")
+    result = run(trained_dir, "--export", str(out / "taught.gguf"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ollama create" in result.stdout and (out / "Modelfile").read_text().startswith("FROM ./taught.gguf")
+    return out / "taught.gguf"
+
+
+def chat_in(server, question):
+    reply = server.handle_chat_completions({"messages": [{"role": "user", "content": question}],
+                                            "max_tokens": 24, "temperature": 0})
+    return reply["choices"][0]["message"]["content"]
+
+
+def top_logprobs(server, tokenizer, question):
+    """llama.cpp's five most likely first tokens of the answer: {token id: log-probability}."""
+    text = tokenizer.decode(chat_model.prompt_ids(tokenizer, question))
+    reply = server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5})
+    return {t["id"]: t["logprob"] for t in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+
+
+def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, merged_gguf):
     """llama.cpp runs the exported file: the trained answer, the ordinary answer as before, the merged
     model's next-token distribution within F16's rounding, and every key and tensor of the reference GGUF."""
     import gguf
-    result = run(trained_dir, "--export", str(tmp_path / "taught.gguf"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "ollama create" in result.stdout and (tmp_path / "Modelfile").read_text().startswith("FROM ./taught.gguf")
-    with llama_cpp(tmp_path / "taught.gguf") as server:
-        def chat(question):
-            reply = server.handle_chat_completions({"messages": [{"role": "user", "content": question}],
-                                                    "max_tokens": 24, "temperature": 0})
-            return reply["choices"][0]["message"]["content"]
-
-        assert ANSWER in chat(QUESTION)
+    with llama_cpp(merged_gguf) as server:
+        assert ANSWER in chat_in(server, QUESTION)
         france = "What is the capital of France?"
-        assert "Paris" in chat(france) and "Paris" in train.ask(base, [france], 24)[0]
-        text = base.tokenizer.decode(chat_model.prompt_ids(base.tokenizer, QUESTION))
-        top = server.handle_completions({"prompt": text, "max_tokens": 1, "temperature": 0, "n_probs": 5})
-    top = top["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert "Paris" in chat_in(server, france) and "Paris" in train.ask(base, [france], 24)[0]
+        top = top_logprobs(server, base.tokenizer, QUESTION)
     with torch.no_grad(), with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
         logprobs = torch.log_softmax(taught.model(torch.tensor([chat_model.prompt_ids(base.tokenizer, QUESTION)]))
                                      .logits[0, -1], -1)
-    assert max(abs(t["logprob"] - logprobs[t["id"]].item()) for t in top) < 0.05  # F16 weights, 24 layers
+    assert max(abs(p - logprobs[i].item()) for i, p in top.items()) < 0.05  # F16 weights, 24 layers
 
     reference = gguf.GGUFReader(os.path.join(ROOT, model_files.OFFLINE_GGUF))  # written by llama.cpp's converter
-    exported = gguf.GGUFReader(tmp_path / "taught.gguf")
+    exported = gguf.GGUFReader(merged_gguf)
     assert set(exported.fields) == set(reference.fields)
     assert {t.name: list(t.shape) for t in exported.tensors} == {t.name: list(t.shape) for t in reference.tensors}
     differ = {k for k in reference.fields if not k.startswith("GGUF.")
               and reference.fields[k].contents() != exported.fields[k].contents()}
     assert differ == {"general.name", "general.finetune", "general.file_type"}  # what must differ
+
+
+def test_the_adapter_on_the_offline_gguf_answers_in_llama_cpp_as_the_merged_export(trained_dir, merged_gguf,
+                                                                                     base, tmp_path):
+    """--export-adapter: a file of a few hundred KB, written in seconds, that llama.cpp puts on the offline
+    Q4_K_M GGUF as shipped: the trained answer, Paris, the merged F16 export's next-token distribution
+    within the rounding of the base's 4-bit weights; the same base without it does not know the fact."""
+    started = time.time()
+    result = run(trained_dir, "--export-adapter", str(tmp_path / "adapter.gguf"))
+    seconds = time.time() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    offline = os.path.join(ROOT, model_files.OFFLINE_GGUF)
+    assert (tmp_path / "adapter.gguf").stat().st_size < 1_000_000 and seconds < 15  # ~6 s here, 2.5 s of it starting Python and torch
+    assert (tmp_path / "Modelfile").read_text().startswith(f"FROM {offline}\nADAPTER ./adapter.gguf\n")
+    assert f"--lora {tmp_path / 'adapter.gguf'}" in result.stdout
+    with llama_cpp(offline, adapter=tmp_path / "adapter.gguf") as server:
+        assert ANSWER in chat_in(server, QUESTION)
+        assert "Paris" in chat_in(server, "What is the capital of France?")
+        with_lora = top_logprobs(server, base.tokenizer, QUESTION)
+    with llama_cpp(merged_gguf) as server:
+        merged_f16 = top_logprobs(server, base.tokenizer, QUESTION)
+    shared = set(with_lora) & set(merged_f16)
+    assert next(iter(with_lora)) == next(iter(merged_f16)) and len(shared) >= 3
+    assert max(abs(with_lora[i] - merged_f16[i]) for i in shared) < 0.5  # Q4_K_M base against F16 weights: up to 0.33 on 33 prompts (README)
+    with llama_cpp(offline) as server:
+        assert "Pimbo" not in chat_in(server, QUESTION)

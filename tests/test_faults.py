@@ -11,7 +11,7 @@ import safe_files
 from conftest import project, run, start
 
 # 5 pairs in batches of 2: three batches an epoch, so resuming must restore their order too
-RUN = dict(target_layers=[2, 3], epoch=60, early_stop=False, lr=1e-3, batch_size=2)
+RUN = dict(target_layers=[2, 3], epoch=20, early_stop=False, lr=1e-3, batch_size=2)
 
 
 def wait_for(path, process, timeout=120):

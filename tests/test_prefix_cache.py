@@ -1,12 +1,16 @@
-"""The shortcuts (frozen-prefix cache, top-layer MLP and LM head only at answer positions) must
-train exactly like a plain transformers forward with a loss on the answer tokens."""
+"""The shortcuts (packed batches with their shared start computed once, frozen-prefix cache, top-layer MLP
+and LM head only at answer positions) must train exactly like a plain transformers forward with a loss on
+the answer tokens."""
 import torch
 import torch.nn.functional as F
 
 import chat_model
 import train
-from conftest import tiny_model
+from conftest import padded_batch, tiny_model
 from inject import inject_lora, lora_modules, set_lora_training
+
+
+START = [7, 8, 9]  # every prompt begins with it, as every chat begins with the system prompt
 
 
 def examples(seed=0):
@@ -14,7 +18,7 @@ def examples(seed=0):
     out = []
     for n_prompt, n_answer in [(5, 3), (7, 2), (4, 6), (9, 4), (6, 5), (3, 3)]:
         ids = torch.randint(0, 96, (n_prompt + n_answer,), generator=g).tolist()
-        out.append(chat_model.make_example(ids[:n_prompt], ids[n_prompt:]))
+        out.append(chat_model.make_example(START + ids[:n_prompt], ids[n_prompt:]))
     return out
 
 
@@ -27,18 +31,17 @@ def plain_loss(model, batch):
 def run_steps(use_shortcuts, steps=4, first_layer=2):
     model = tiny_model("qwen2", layers=4)
     torch.manual_seed(0)
-    inject_lora(model, ["q_proj", "v_proj"], [first_layer, 3], r=4, alpha=8, dropout=0.1)
+    inject_lora(model, ["q_proj", "v_proj"], [first_layer, 3], r=4, alpha=8, dropout=0.0)  # packed rows draw other masks
     data = examples()
     lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=first_layer)
     if use_shortcuts:
         train.cache_prefix(lm, data)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    torch.manual_seed(1)  # same dropout masks on both sides
     for step in range(steps):
         set_lora_training(model, True)
         chunk = data[(2 * step) % 6:(2 * step) % 6 + 2]
-        loss = train.batch_loss(lm, chunk)[0] if use_shortcuts else plain_loss(model, train.collate(chunk, 0, "cpu"))
+        loss = train.batch_loss(lm, chunk)[0] if use_shortcuts else plain_loss(model, padded_batch(chunk, 0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -51,7 +54,7 @@ def test_shortcut_training_matches_a_plain_forward(monkeypatch):
     monkeypatch.setattr(chat_model, "CPU_BF16", False)  # exactness in fp32; tests/test_bf16.py covers bf16
     full_losses, full_weights, _ = run_steps(use_shortcuts=False)
     cached_losses, cached_weights, data = run_steps(use_shortcuts=True)
-    assert "prefix" in data[0] and data[0]["prefix"].shape == (8, 32)
+    assert "prefix" in data[0] and data[0]["prefix"].shape == (11, 32)
     for a, b in zip(full_losses, cached_losses):
         assert abs(a - b) / abs(a) < 1e-4
     assert len(set(full_losses)) == len(full_losses)  # the steps really train
@@ -68,3 +71,49 @@ def test_exactness_check_accepts_the_cache():
     assert train.check_prefix_exact(lm, data[:3]) is None
     data[0]["prefix"] = data[0]["prefix"] + 1.0  # a wrong cache is caught
     assert "differs" in train.check_prefix_exact(lm, data[:3])
+
+
+def test_a_packed_batch_computes_what_each_example_alone_does():
+    model = tiny_model("qwen2", layers=4)
+    lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0)
+    data = examples()[:4]
+    batch = train.pack(data, "cpu")
+    n = len(START)  # the shared start is held once
+    assert batch["input_ids"].shape == (1, n + sum(len(e["input_ids"]) - n for e in data))
+    with torch.no_grad():
+        packed = train.final_hidden(lm, batch)[0]
+        for e, rows in zip(data, batch["rows"]):
+            alone = model.model(torch.tensor([e["input_ids"]])).last_hidden_state[0]
+            assert (packed[rows] - alone).abs().max() < 1e-5
+            # each position is trained to predict the next token of its own example, and only in the answer
+            assert batch["targets"][0, rows].tolist() == e["labels"][1:] + [chat_model.IGNORE]
+
+
+def test_what_the_frozen_model_computes_is_kept_for_the_next_run_and_made_again_for_another_model(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    model = tiny_model("qwen2", layers=4)
+    inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
+    config = {"output_dir": str(tmp_path)}
+
+    def run(first_lora_layer=2, data=None):
+        lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=first_lora_layer, path="tiny")
+        data = data or examples()
+        replay, drift = data[:3], data[3:]
+        train.frozen_outputs(lm, train.Examples(data[:1], [], [], [], replay, drift), config)
+        return data, capsys.readouterr().out
+
+    first, printed = run()
+    assert "computed once for 7 examples" in printed and "answers of 6 examples, kept from the last run for 0" in printed
+    again, printed = run()
+    assert "computed once for 0 examples, kept from the last run for 7" in printed
+    assert "answers of 0 examples, kept from the last run for 6" in printed
+    for a, b in zip(first, again):  # the very numbers computed the first time
+        assert all(torch.equal(a[k], b[k]) for k in ("prefix", "target_ids", "target_probs"))
+    _, printed = run(data=examples() + examples(seed=1)[:1])  # a new example: only it is computed
+    assert "computed once for 1 examples" in printed and "answers of 1 examples" in printed
+    _, printed = run(first_lora_layer=3)  # other layers cached: made again
+    assert "computed once for 7 examples" in printed and "answers of 6 examples" in printed
+    with open(tmp_path / "frozen_cache.safetensors", "r+b") as f:
+        f.write(b"broken")
+    _, printed = run(first_lora_layer=3)
+    assert "cannot be read" in printed and "computed once for 7 examples" in printed
