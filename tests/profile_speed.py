@@ -1,7 +1,8 @@
 """Where train.py's time goes (run by hand): one epoch of its training steps and validation on the
 random Qwen2.5-0.5B-shaped model of bench_speed.py, under torch.profiler, next to a FLOP count.
 
-    python tests/profile_speed.py
+    python tests/profile_speed.py                    # the bf16 path where the CPU has it, else fp32
+    QWEN_LORA_FP32=1 python tests/profile_speed.py   # the fp32 path (a CPU without bf16) on any CPU
 """
 import os
 import random
@@ -59,7 +60,7 @@ def main():
     val_answers = sum(len(e["target_ids"]) for e in val_set)
     head = 151936 * 896
     flops = 2 * (2 * 4 * per_layer * tokens + 2 * head * answers) + 2 * (4 * per_layer * val_tokens + head * val_answers)
-    print(f"cache {cache_s:.2f}s, one epoch {epoch_s:.2f}s; the epoch's matmuls need {flops / 1e9:.0f} GFLOP "
+    print(f"{'bf16' if chat_model.CPU_BF16 else 'fp32'} path: cache {cache_s:.2f}s, one epoch {epoch_s:.2f}s; the epoch's matmuls need {flops / 1e9:.0f} GFLOP "
           f"-> {flops / 1e9 / epoch_s:.0f} GFLOP/s achieved")
 
 
