@@ -250,15 +250,21 @@ def shared_start(lm, prompts):
     """(n, cache): the first n tokens, which every prompt has (and a token more), run once through the
     model, their keys and values repeated for every prompt."""
     from transformers import DynamicCache
-    n = 0
-    while n < min(map(len, prompts)) - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
+    n = common_start(prompts, min(map(len, prompts)) - 1)
     cache = DynamicCache(config=lm.model.config)
     if n:
         lm.model(input_ids=torch.tensor([prompts[0][:n]], device=lm.model.device), cache=cache,
                  use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(len(prompts))
     return n, cache
+
+
+def common_start(sequences, limit):
+    """How many first tokens all `sequences` share, `limit` at most."""
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return n
 
 
 def next_tokens(logits, temperature, top_p=0.95, candidates=64):

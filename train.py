@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from chat_model import (IGNORE, LM, bf16_products, encode, frozen_weights_in_bf16, generate, make_example,
-                        question_of, uses_bf16)
+from chat_model import (IGNORE, LM, bf16_products, common_start, encode, frozen_weights_in_bf16, generate,
+                        make_example, question_of, uses_bf16)
 from gguf_export import OUT_TYPES
 from inject import (inject_lora, inject_saved_adapter, load_adapter, merge_and_unwrap, merged, only_layers,
                     resolve_layers, save_adapter, set_lora_training, top_mlp_only_at)
@@ -695,10 +695,8 @@ def pack(examples, device):
     "targets" (the token each position is trained to predict, or IGNORE), "example" (whose position
     it is, -1 for the start), "rows" (each example's positions), targets and cached prefix."""
     first = examples[0]["input_ids"]
-    n = 0  # the start: in every prompt, so that no answer token is in it
-    while n < min(e["labels"].count(IGNORE) for e in examples) - 1 and all(e["input_ids"][n] == first[n]
-                                                                           for e in examples):
-        n += 1
+    # the start: in every prompt, so that no answer token is in it
+    n = common_start([e["input_ids"] for e in examples], min(e["labels"].count(IGNORE) for e in examples) - 1)
     ids, positions, owner, targets = first[:n], list(range(n)), [-1] * n, [IGNORE] * n
     rows = []
     for i, e in enumerate(examples):
