@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from chat_model import (IGNORE, LM, bf16_products, common_start, encode, frozen_weights_in_bf16, generate,
-                        make_example, question_of, uses_bf16)
+from chat_model import (IGNORE, LM, batches_by_start, bf16_products, common_start, encode, frozen_weights_in_bf16,
+                        generate, make_example, question_of, uses_bf16)
 from gguf_export import OUT_TYPES
 from inject import (inject_lora, inject_saved_adapter, load_adapter, merge_and_unwrap, merged, only_layers,
                     resolve_layers, save_adapter, set_lora_training, top_mlp_only_at)
@@ -40,7 +41,7 @@ from model_files import (OFFLINE_DIR, OFFLINE_GGUF, files_of, load_model, pick_d
                          save_plain)
 from safe_files import (UserError, read_json, read_tensors, replaced_atomically, restore_interrupted_swap,
                         write_json, write_tensors)
-from teacher import teacher_examples
+from teacher import key_words, teacher_examples, words_of
 
 # Questions answered at the end of training with the best adapter. Edit freely.
 messages = [
@@ -380,9 +381,9 @@ def set_soft_targets(lm, examples, top_k=32, batch_size=32, stored=None):
     it is now, before training (LoRA's B is zero: the base model): its own on `examples` (replay
     and drift: matching the whole distribution keeps more of what the model knew than matching its
     greedy text, and the KL to it measures drift), or, for an example with a "teacher" (the same
-    answer after another prompt), the distribution the model has when it reads that prompt. Sorted by
-    what the model reads, so that a packed batch holds the facts the teachers read once. Those that
-    `stored` (an earlier run's, see frozen_outputs) has are taken from it."""
+    answer after another prompt), the distribution the model has when it reads that prompt. Batched
+    by what the model reads (batches_by_start), so that a packed batch holds the facts the teachers
+    read once. Those that `stored` (an earlier run's, see frozen_outputs) has are taken from it."""
     set_lora_training(lm.model, False)
     started, given, todo = time.time(), len(examples), []
     for e in examples:
@@ -393,9 +394,8 @@ def set_soft_targets(lm, examples, top_k=32, batch_size=32, stored=None):
             todo.append(e)
     for group in ([e for e in todo if "teacher" in e], [e for e in todo if "teacher" not in e]):
         # apart: a batch uses the cached prefix only if all its examples have one (a teacher's has none)
-        group.sort(key=lambda e: e.get("teacher", e)["input_ids"])
-        for start in range(0, len(group), batch_size):
-            set_top_k(lm, group[start:start + batch_size], top_k)
+        for batch in batches_by_start([e.get("teacher", e)["input_ids"] for e in group], batch_size):
+            set_top_k(lm, [group[i] for i in batch], top_k)
     print(f"[targets] the base model's top-{top_k} distributions over the answers of {len(todo)} examples, "
           f"kept from the last run for {given - len(todo)} ({time.time() - started:.1f}s)")
 
@@ -599,26 +599,65 @@ def report(lm, qa_data, run, before, config):
 
 
 def recall_report(lm, qa_data, run, max_new_tokens):
-    """Greedy answers to every trained and validation question; an answer counts when it contains
-    the expected one. Prints a short table, returns the full list and both recall rates."""
+    """Greedy answers to every trained and validation question, each marked exact (it contains the
+    expected answer), same fact (in other words: it holds the expected answer's key words, see
+    verdict) or wrong. Prints a short table, returns the full list and the exact rates (the rates
+    the epochs were chosen by) with the same-fact ones."""
     splits = [(e["index"], "train") for e in run.data.train] + [(e["index"], "val") for e in run.data.val]
     longest = max(len(lm.tokenizer(qa_data[i]["output"]).input_ids) for i, _ in splits)
     started = time.time()
     answers = ask(lm, [question_of(qa_data[i]) for i, _ in splits], max(max_new_tokens, longest + 8))
     seconds = time.time() - started
-    rows = [{"index": i, "split": split, "question": question_of(qa_data[i]),
-             "expected": qa_data[i]["output"], "answer": a, "correct": qa_data[i]["output"].strip() in a}
-            for (i, split), a in zip(splits, answers)]
-    rate = {split: sum(r["correct"] for r in rows if r["split"] == split)
-            / max(1, sum(r["split"] == split for r in rows)) for split in ("train", "val")}
-    held_out = (f"held-out phrasings (the same facts in other words) {rate['val']:.0%}" if run.data.val
-                else "no phrasing held out: write a fact in several ways to measure other words")
-    print(f"\n[recall] trained questions {rate['train']:.0%}; {held_out} (answered in {seconds:.1f}s)")
+    rows = []
+    for (i, split), answer in zip(splits, answers):
+        mark = verdict(question_of(qa_data[i]), qa_data[i]["output"], answer)
+        rows.append({"index": i, "split": split, "question": question_of(qa_data[i]),
+                     "expected": qa_data[i]["output"], "answer": answer, "verdict": mark, "correct": mark == "exact"})
+    rates = {f"{split}_recall_final": share(rows, split, ("exact",)) for split in ("train", "val")}
+    rates.update({f"{split}_same_fact_final": share(rows, split, ("exact", "same fact"))
+                  for split in ("train", "val")})
+    print(f"\n[recall] trained questions: {counts(rows, 'train')}; "
+          + (f"held-out phrasings (the same facts in other words): {counts(rows, 'val')}" if run.data.val
+             else "no phrasing held out: write a fact in several ways to measure other words")
+          + f" (answered in {seconds:.1f}s)")
     for r in rows:
         question, answer = r["question"].replace("\n", " ")[:30], r["answer"].replace("\n", " ")[:40]
-        print(f"  {'ok ' if r['correct'] else 'NO '} {r['split']:5s} {question:30s} -> {answer}")
-    return {"train_recall_final": rate["train"], "val_recall_final": rate["val"] if run.data.val else None,
-            "answers": rows}
+        print(f"  {RECALL_MARKS[r['verdict']]} {r['split']:5s} {question:30s} -> {answer}")
+    return {**rates, "answers": rows}
+
+
+RECALL_MARKS = {"exact": "ok   ", "same fact": "same ", "wrong": "NO   "}
+
+
+def verdict(question, expected, answer):
+    """"exact" when the answer contains the expected one; "same fact" when it holds its key words (the
+    words the question does not have, word endings aside: "Mara Lind owns the mill." for "The mill is
+    owned by Mara Lind."), all of them, or all but one of more than three (a reworded answer drops a
+    "studies"); else "wrong"."""
+    if expected.strip() in answer:
+        return "exact"
+    keys = {stem(w) for w in key_words(question, expected)}
+    found = len(keys & {stem(w) for w in words_of(answer)})
+    may_miss = 1 if len(keys) > 3 else 0
+    return "same fact" if keys and found >= len(keys) - may_miss else "wrong"
+
+
+def stem(word):
+    """An English word without the ending a rewording changes (owned, owns -> own)."""
+    return re.sub(r"(ing|ed|es|s)$", "", word) if len(word) >= 4 else word
+
+
+def share(rows, split, marks):
+    """The share of `split`'s rows marked one of `marks`, None without rows."""
+    chosen = [r for r in rows if r["split"] == split]
+    return sum(r["verdict"] in marks for r in chosen) / len(chosen) if chosen else None
+
+
+def counts(rows, split):
+    chosen = [r for r in rows if r["split"] == split]
+    exact, same = (sum(r["verdict"] == mark for r in chosen) for mark in ("exact", "same fact"))
+    return (f"{exact / len(chosen):.0%} exact ({exact}/{len(chosen)}), {same} the same fact in other words, "
+            f"{len(chosen) - exact - same} wrong")
 
 
 # ============================================================================= helpers

@@ -85,8 +85,11 @@ def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir, base, co
     metrics = json.loads((trained_dir / "output" / "metrics.json").read_text())
     assert metrics["train_recall_final"] == 1.0
     assert sorted(r["index"] for r in metrics["answers"]) == [0, 1, 2, 3]
-    assert all(r["correct"] == (ANSWER in r["answer"]) for r in metrics["answers"])
-    assert metrics["val_recall_final"] == sum(r["correct"] for r in metrics["answers"] if r["split"] == "val")
+    assert all(r["correct"] == (ANSWER in r["answer"]) == (r["verdict"] == "exact") for r in metrics["answers"])
+    assert all(r["verdict"] == train.verdict(r["question"], ANSWER, r["answer"]) for r in metrics["answers"])
+    val = [r for r in metrics["answers"] if r["split"] == "val"]
+    assert metrics["val_recall_final"] == sum(r["correct"] for r in val) / len(val)
+    assert metrics["val_same_fact_final"] == sum(r["verdict"] != "wrong" for r in val) / len(val)
     assert [f["question"] for f in metrics["forgetting"]] == train.ORDINARY_QUESTIONS
     # "before" is what the base model says, and "after" what the saved adapter says
     assert [f["before"] for f in metrics["forgetting"]] == train.ask(base, train.ORDINARY_QUESTIONS,

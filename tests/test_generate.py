@@ -90,6 +90,16 @@ def test_batches_with_a_shared_start_padding_and_rows_that_finish_early_answer_a
     assert [finished for _, finished in answers] == [len(a) < 10 for a in expected]
 
 
+def test_a_batch_ends_where_the_next_prompt_would_shrink_the_shared_start_by_more_than_a_batch_costs():
+    a, b, c = [1] * 10 + [2], [1] * 10 + [3], [1] * 10 + [4]  # 10 tokens shared
+    d = [1, 5, 6]  # shares one token with them
+    sequences = [d, b, a, c]
+    # d with a, b and c: 1 token shared, two rows compute 9 tokens more each, 18 against the 1 d saves
+    assert chat_model.batches_by_start(sequences, 8) == [[2, 1, 3], [0]]
+    assert chat_model.batches_by_start(sequences, 8, batch_cost=20) == [[2, 1, 3, 0]]
+    assert chat_model.batches_by_start(sequences, 2) == [[2, 1], [3, 0]]  # c alone: d joins it
+
+
 def int8_error_and_bound():
     """Int8Linear's error on a small product, and the bound its rounding allows."""
     torch.manual_seed(0)
