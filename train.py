@@ -601,8 +601,8 @@ def report(lm, qa_data, run, before, config):
 def recall_report(lm, qa_data, run, max_new_tokens):
     """Greedy answers to every trained and validation question, each marked exact (it contains the
     expected answer), same fact (in other words: it holds the expected answer's key words, see
-    verdict) or wrong. Prints a short table, returns the full list and the exact rates (the rates
-    the epochs were chosen by) with the same-fact ones."""
+    verdict) or wrong. Prints a short table, returns the full list, the exact rates (what
+    `*_recall_final` always meant) and the rates counting the same fact too."""
     splits = [(e["index"], "train") for e in run.data.train] + [(e["index"], "val") for e in run.data.val]
     longest = max(len(lm.tokenizer(qa_data[i]["output"]).input_ids) for i, _ in splits)
     started = time.time()
