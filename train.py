@@ -610,14 +610,16 @@ def recall_report(lm, qa_data, run, max_new_tokens):
     seconds = time.time() - started
     rows = []
     for (i, split), answer in zip(splits, answers):
-        mark = verdict(question_of(qa_data[i]), qa_data[i]["output"], answer)
-        rows.append({"index": i, "split": split, "question": question_of(qa_data[i]),
-                     "expected": qa_data[i]["output"], "answer": answer, "verdict": mark, "correct": mark == "exact"})
-    rates = {f"{split}_recall_final": share(rows, split, ("exact",)) for split in ("train", "val")}
-    rates.update({f"{split}_same_fact_final": share(rows, split, ("exact", "same fact"))
-                  for split in ("train", "val")})
-    print(f"\n[recall] trained questions: {counts(rows, 'train')}; "
-          + (f"held-out phrasings (the same facts in other words): {counts(rows, 'val')}" if run.data.val
+        question, expected = question_of(qa_data[i]), qa_data[i]["output"]
+        mark = verdict(question, expected, answer)
+        rows.append({"index": i, "split": split, "question": question, "expected": expected, "answer": answer,
+                     "verdict": mark, "correct": mark == "exact"})
+    train_rows, val_rows = ([r for r in rows if r["split"] == split] for split in ("train", "val"))
+    rates = {"train_recall_final": share(train_rows, ("exact",)), "val_recall_final": share(val_rows, ("exact",)),
+             "train_same_fact_final": share(train_rows, ("exact", "same fact")),
+             "val_same_fact_final": share(val_rows, ("exact", "same fact"))}
+    print(f"\n[recall] trained questions: {counts(train_rows)}; "
+          + (f"held-out phrasings (the same facts in other words): {counts(val_rows)}" if val_rows
              else "no phrasing held out: write a fact in several ways to measure other words")
           + f" (answered in {seconds:.1f}s)")
     for r in rows:
@@ -647,17 +649,15 @@ def stem(word):
     return re.sub(r"(ing|ed|es|s)$", "", word) if len(word) >= 4 else word
 
 
-def share(rows, split, marks):
-    """The share of `split`'s rows marked one of `marks`, None without rows."""
-    chosen = [r for r in rows if r["split"] == split]
-    return sum(r["verdict"] in marks for r in chosen) / len(chosen) if chosen else None
+def share(rows, marks):
+    """The share of `rows` marked one of `marks`, None without rows."""
+    return sum(r["verdict"] in marks for r in rows) / len(rows) if rows else None
 
 
-def counts(rows, split):
-    chosen = [r for r in rows if r["split"] == split]
-    exact, same = (sum(r["verdict"] == mark for r in chosen) for mark in ("exact", "same fact"))
-    return (f"{exact / len(chosen):.0%} exact ({exact}/{len(chosen)}), {same} the same fact in other words, "
-            f"{len(chosen) - exact - same} wrong")
+def counts(rows):
+    exact, same = (sum(r["verdict"] == mark for r in rows) for mark in ("exact", "same fact"))
+    return (f"{exact / len(rows):.0%} exact ({exact}/{len(rows)}), {same} the same fact in other words, "
+            f"{len(rows) - exact - same} wrong")
 
 
 # ============================================================================= helpers
