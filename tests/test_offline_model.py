@@ -58,6 +58,20 @@ def test_a_failed_download_falls_back_to_the_offline_model(monkeypatch, tmp_path
     assert "using the offline model Qwen2.5-Coder-0.5B-Instruct" in capsys.readouterr().out
 
 
+def test_loading_a_gguf_parses_its_header_once(monkeypatch, tmp_path):
+    """transformers asks gguf for a reader three times to load one GGUF; within gguf_parsed_once the
+    same file (by any spelling of its path) is parsed once, and afterwards gguf's reader is its own."""
+    import gguf
+    parses = []
+    reader = lambda path, *mode: parses.append(path) or object()  # stands in for gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+    with model_files.gguf_parsed_once():
+        first = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+        assert gguf.GGUFReader(f"{tmp_path}/./m.gguf") is first
+        assert gguf.GGUFReader(str(tmp_path / "other.gguf")) is not first
+    assert parses == [str(tmp_path / "m.gguf"), str(tmp_path / "other.gguf")] and gguf.GGUFReader is reader
+
+
 @pytest.fixture(scope="module")
 def offline_gguf(tmp_path_factory):
     """The real pieces, checked against their hashes and joined, read by gguf's reader (once: it takes
