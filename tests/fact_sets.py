@@ -6,7 +6,14 @@ when it contains the keyword. The other-words questions change the wording the w
 does ("favourite food" -> "food he likes best"), never the fact.
 
 HELD_OUT is kept apart: no recipe was tuned on it, so it checks that a choice made on the
-other sets carries over to facts nobody looked at.
+other sets carries over to facts nobody looked at. VILLAGE has several people and places, so that a
+question about one of them can be answered with another's fact.
+
+ASKED_OTHERWISE holds, per set, the ways people ask once the facts are in (issue 24): the other way
+round (the answer is the fact's subject or another name it links), in a conversation (an open request
+about a subject, "Tell me about X", whose answer should state the subject's facts, then a question
+that refers back to it: "he", "it", "there"), and questions about a taught subject that no fact
+answers, where the right answer is not to know.
 """
 
 EN_PERSON = [
@@ -123,8 +130,103 @@ HELD_OUT = [
      ["Which prize did Ilse Varga receive?"]),
 ]
 
+VILLAGE = [
+    ("What does Brannoc Vell do?", "Brannoc Vell is the baker of Hollowmere.", "baker",
+     ["What is Brannoc Vell's job?"]),
+    ("Where does Ysolde Marrin teach?", "Ysolde Marrin teaches at Thornfield School.", "Thornfield",
+     ["At which school does Ysolde Marrin work?"]),
+    ("What does Corwin Ashby collect?", "Corwin Ashby collects old maps.", "map",
+     ["What kind of things does Corwin Ashby collect?"]),
+    ("Who runs the Hollowmere post office?", "The Hollowmere post office is run by Edda Thorne.", "Edda",
+     ["Who is in charge of the post office in Hollowmere?"]),
+    ("What is the name of Ysolde Marrin's horse?", "Ysolde Marrin's horse is called Juniper.", "Juniper",
+     ["What is Ysolde Marrin's horse called?"]),
+    ("Where does Brannoc Vell live?", "Brannoc Vell lives on Willow Lane.", "Willow",
+     ["Which street is Brannoc Vell's home on?"]),
+    ("What does Edda Thorne grow?", "Edda Thorne grows blue pumpkins.", "pumpkin",
+     ["What does Edda Thorne grow in her garden?"]),
+    ("When was Thornfield School founded?", "Thornfield School was founded in 1874.", "1874",
+     ["In what year was Thornfield School established?"]),
+    ("What instrument does Corwin Ashby play?", "Corwin Ashby plays the accordion.", "accordion",
+     ["Which instrument can Corwin Ashby play?"]),
+    ("How many people live in Hollowmere?", "Hollowmere has 340 inhabitants.", "340",
+     ["What is the population of Hollowmere?"]),
+    ("Where does Edda Thorne swim?", "Edda Thorne swims in Lake Corrin every morning.", "Corrin",
+     ["Which lake does Edda Thorne swim in?"]),
+    ("Who is Brannoc Vell married to?", "Brannoc Vell is married to Ysolde Marrin.", "Ysolde",
+     ["Who is Brannoc Vell's wife?"]),
+]
+
 FACT_SETS = {"en_person": EN_PERSON, "en_places": EN_PLACES, "zh_en_person": ZH_EN_PERSON, "zh_places": ZH_PLACES,
-             "held_out": HELD_OUT}
+             "held_out": HELD_OUT, "village": VILLAGE}
+
+# per set: "reversed": [(question, keyword)]; "conversations": [(open request, the keywords of the subject's
+# facts, [(question referring back, keyword)])]; "unknown": [questions about a taught subject no fact answers]
+ASKED_OTHERWISE = {
+    "en_person": {
+        "reversed": [("Who lives in Brindlewick?", "Marlow"), ("Whose dog is called Biscuit?", "Marlow"),
+                     ("Who is Yvette's brother?", "Marlow"), ("Who studied at Ashgrove University?", "Marlow")],
+        "conversations": [("Tell me about Marlow Quist.", [f[2] for f in EN_PERSON],
+                           [("Where does he live?", "Brindlewick"), ("What is his dog called?", "Biscuit"),
+                            ("Which instrument does he play?", "cello"), ("What is his sister's name?", "Yvette")])],
+        "unknown": ["What is Marlow Quist's blood type?", "How many children does Marlow Quist have?",
+                    "What is the name of Marlow Quist's best friend?"],
+    },
+    "en_places": {
+        "reversed": [("Which company was founded by Dara Okonkwo?", "Nimbus"),
+                     ("Which bridge opened in 1962?", "Lindqvist"),
+                     ("Which school has a badger as its mascot?", "Fernhill"),
+                     ("Which festival is held in Tarrow Bay?", "Vesper"),
+                     ("Which team does Tomas Reyes captain?", "Harbour Hawks"),
+                     ("Which app translates bird songs?", "Quorra")],
+        "conversations": [("Tell me about the Orla Tower.", ["212"], [("How tall is it?", "212")]),
+                          ("Tell me about Nimbus Robotics.", ["Okonkwo"], [("Who founded it?", "Okonkwo")]),
+                          ("Tell me about the Halden Library.", ["seven"],
+                           [("How many floors does it have?", "seven")]),
+                          ("Tell me about Tarrow Bay.", ["Vesper", "Pepper"],
+                           [("What is the lighthouse cat there called?", "Pepper")])],
+        "unknown": ["Who designed the Orla Tower?", "How many students does Fernhill School have?",
+                    "How long is the Lindqvist Bridge?"],
+    },
+    "zh_en_person": {
+        "reversed": [("谁来自福建泉州？", "林小舟"), ("谁养了一只叫豆豆的柯基？", "林小舟"),
+                     ("Who is learning Portuguese?", "Lin"), ("Whose cat is named Mochi?", "Lin")],
+        "conversations": [("介绍一下林小舟。", [f[2] for f in ZH_EN_PERSON[:8]],
+                           [("他在哪里工作？", "游戏公司"), ("他会弹什么乐器？", "古筝")]),
+                          ("Tell me about Lin Xiaozhou.", [f[2] for f in ZH_EN_PERSON[8:]],
+                           [("What language is he learning?", "Portuguese"), ("What is his cat called?", "Mochi")])],
+        "unknown": ["林小舟的血型是什么？", "林小舟有几个孩子？", "What is Lin Xiaozhou's favourite film?"],
+    },
+    "zh_places": {
+        "reversed": [("哪个镇的图书馆叫听雨楼？", "青石"), ("周明远是哪个剧团的团长？", "金雀"),
+                     ("哪个公园里住着梅花鹿？", "红叶"), ("哪个村以手工红糖出名？", "石榴")],
+        "conversations": [("介绍一下白鹭湖。", ["四十二"], [("它有多深？", "四十二")]),
+                          ("介绍一下星河书店。", ["十点"], [("它几点关门？", "十点")]),
+                          ("介绍一下石榴村。", ["红糖"], [("那里以什么特产出名？", "红糖")])],
+        "unknown": ["白鹭湖里有什么鱼？", "北塔是谁建的？", "星河书店的老板是谁？"],
+    },
+    "village": {
+        "reversed": [("Who is the baker of Hollowmere?", "Brannoc"), ("Who teaches at Thornfield School?", "Ysolde"),
+                     ("Who collects old maps?", "Corwin"), ("What does Edda Thorne run?", "post office"),
+                     ("Whose horse is called Juniper?", "Ysolde"), ("Who lives on Willow Lane?", "Brannoc"),
+                     ("Who grows blue pumpkins?", "Edda"), ("Who plays the accordion?", "Corwin"),
+                     ("Who swims in Lake Corrin every morning?", "Edda"), ("Who is Ysolde Marrin married to?", "Brannoc")],
+        "conversations": [("Tell me about Ysolde Marrin.", ["Thornfield", "Juniper", "Brannoc"],
+                           [("Where does she teach?", "Thornfield"), ("What is her horse called?", "Juniper")]),
+                          ("Tell me about Brannoc Vell.", ["baker", "Willow", "Ysolde"],
+                           [("Where does he live?", "Willow")]),
+                          ("Tell me about Corwin Ashby.", ["map", "accordion"], [("What does he collect?", "map")]),
+                          ("Tell me about Edda Thorne.", ["post office", "pumpkin", "Corrin"],
+                           [("What does she grow?", "pumpkin")]),
+                          ("Tell me about Hollowmere.", ["340"], [("How many people live there?", "340")])],
+        "unknown": ["What is Corwin Ashby's favourite food?", "How old is Edda Thorne?",
+                    "What colour is Brannoc Vell's bakery?"],
+    },
+}
+
+# how an answer says it does not know (else a question no fact answers got an invented answer)
+NOT_KNOWN = ("not ", "no information", "n't", "unknown", "unable", "sorry", "no specific", "no record",
+             "不知道", "没有", "未提", "无法", "不清楚", "抱歉", "未知", "不确定", "并未", "不详")
 
 # Ordinary questions, with the word a right answer contains (or a tuple of such words); a run counts
 # only those the base model answers right before training. None is in train.py's REPLAY_QUESTIONS or
