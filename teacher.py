@@ -1,7 +1,8 @@
 """Prompt distillation (Kujanpää, Valpola, Ilin 2024, "Knowledge Injection via Prompt Distillation").
 
-For each fact of data.py the base model rephrases the user's question and writes questions the fact
-answers (sampled under `seed`, filtered); the teacher, the base model reading the facts in its system
+For each fact of data.py the base model rephrases the user's question, writes questions the fact
+answers and asks for the fact's subject by the rest of it (the fact the other way round; all sampled
+under `seed`, filtered); the teacher, the base model reading the facts in its system
 prompt (teacher_reading), answers them greedily. teacher_examples() returns the pairs to learn: the
 student's example (the question alone) with the teacher's (the facts, then the question) beside it,
 whose distribution train.py's soft targets take. All of it is cached in output/teacher_questions.json,
@@ -25,12 +26,23 @@ WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's lang
 # asked of the base model for the user's question, after two worked examples: told only the request, it
 # answered the question instead; shown a list of examples in one prompt, it copied the list
 REPHRASE = {
-    "en": ("Ask this question in other words. Write only the new question: {question}",
+    "en": ("Ask this question in other words. Write only the new question: {}",
            [("What is the name of Anna Berg's cat?", "What did Anna Berg name her cat?"),
             ("Which hospital does Tom Reed work at?", "Where is Tom Reed employed as a doctor?")]),
-    "zh": ("换一种说法问这个问题，只写新的问题：{question}",
+    "zh": ("换一种说法问这个问题，只写新的问题：{}",
            [("王芳的猫叫什么名字？", "王芳给她的猫起了什么名字？"),
             ("李明在哪家医院工作？", "李明的工作单位是哪家医院？")]),
+}
+# asked of the base model for each fact, after two worked examples: a question whose answer is the
+# fact's subject ("Who lives on Willow Lane?"). A student taught "A is B" alone does not answer "what
+# is B?" (the reversal curse, Berglund et al. 2023); the teacher reading the facts does
+REVERSE = {
+    "en": ("Ask for the first name in this sentence with a question that the rest of the sentence answers. "
+           "Write only the question: {}",
+           [("Anna Berg's cat is called Tibbles.", "Whose cat is called Tibbles?"),
+            ("The old mill is owned by Tom Reed.", "Who owns the old mill?")]),
+    "zh": ("用这句话的其余部分提一个问题，答案是句子里的第一个名字，只写问题：{}",
+           [("王芳的猫叫咪咪。", "谁的猫叫咪咪？"), ("老磨坊的主人是李明。", "老磨坊的主人是谁？")]),
 }
 TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
 TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
@@ -46,13 +58,13 @@ def teacher_examples(lm, qa_data, train_set, config):
     editable: a question added there is answered by the teacher and trained next run, one deleted is
     gone.
     Returns (train, validation) examples, each with the teacher's example of the same answer under
-    "teacher" (train.py takes the teacher's distribution there): a few are kept out to validate the KL
-    to the teacher."""
+    "teacher" (train.py takes the teacher's distribution there) and whether it asks the other way round
+    under "reversed": a few of each kind are kept out to validate the KL to the teacher."""
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
     made_for = {"seed": config["seed"], "count": config["teacher_questions"],
-                "from": ["rephrased", "written"]}
+                "reversed": config["reversed_questions"], "from": ["rephrased", "written", "reversed"]}
     cached = read_json(path) or {}
     entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
     facts = {}  # fact -> (question, answer) of its first trained pair
@@ -70,38 +82,51 @@ def teacher_examples(lm, qa_data, train_set, config):
             entry.update(reads=reads, answers={})
     answer_as_teacher(lm, entries.values())
     write_json(path, {**made_for, "facts": entries})
-    students, dropped = teacher_pairs(lm, entries, keys)
-    kept_out = set(random.Random(config["seed"]).sample(range(len(students)), min(len(students) // 5, 8)))
+    subjects = {fact: subject_of(*facts[fact]) for fact in facts}
+    students, dropped = teacher_pairs(lm, entries, keys, subjects)
+    rng, kept_out = random.Random(config["seed"]), set()
+    for kind in (False, True):  # a few of each kind: asked in other words, asked the other way round
+        group = [i for i, e in enumerate(students) if e["reversed"] == kind]
+        kept_out.update(rng.sample(group, min(len(group) // 5, 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
           f"left out: {dropped['cut']} cut at {TEACHER_MAX_TOKENS} tokens, {dropped['no fact']} carrying no fact, "
-          f"{dropped['language']} in another language; in {path}")
+          f"{dropped['language']} in another language, {dropped['no subject']} asked the other way round "
+          f"without naming the subject; in {path}")
     return ([e for i, e in enumerate(students) if i not in kept_out],
             [e for i, e in enumerate(students) if i in kept_out])
 
 
 def new_questions(lm, qa_data, facts, keys, config):
-    """Cache entries for `facts` (fact -> its question and answer): the rephrased and written
-    questions that pass the filters, `teacher_questions` at most, not yet answered. Rephrasings come
-    first: they ask what the user asked, as a user asking in other words would; the base model
-    writes questions only for the facts whose rephrasings leave places, as many as are left."""
+    """Cache entries for `facts` (fact -> its question and answer): `teacher_questions` at most that
+    pass the filters, none answered yet: `reversed_questions` of them at most ask for the fact's subject
+    (kept apart, under "reversed"), the others are rephrased and written ones. Rephrasings come first:
+    they ask what the user asked, as a user asking in other words would; the base model writes
+    questions only for the facts whose rephrasings leave places, as many as are left."""
     print(f"[teacher] the base model rephrases the questions of {len(facts)} facts and writes more "
           f"about them")
     started = time.time()
     user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
     count, seed = config["teacher_questions"], config["seed"]
+    reverse = min(config["reversed_questions"], count)  # sampled twice as many: about half pass
+    asked_back = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)
+    reversed_ = {fact: reversed_usable(questions, facts[fact], keys, user_questions)[:reverse]
+                 for fact, questions in zip(facts, asked_back)}
+    places = {fact: count - len(reversed_[fact]) for fact in facts}  # for the questions in other words
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
     kept = {fact: usable(questions, facts[fact], keys, user_questions)
             for fact, questions in zip(facts, rephrased)}
-    short = [fact for fact in facts if len(kept[fact]) < count]
+    short = [fact for fact in facts if len(kept[fact]) < places[fact]]
     written = write_questions(lm, [facts[fact][1] for fact in short],
-                              [count - len(kept[fact]) for fact in short], seed)
+                              [places[fact] - len(kept[fact]) for fact in short], seed)
     for fact, questions in zip(short, written):
         kept[fact] = usable(kept[fact] + questions, facts[fact], keys, user_questions)
-    sampled = sum(map(len, rephrased)) + sum(map(len, written))
+    sampled = sum(len(questions) for questions in asked_back + rephrased + written)
     print(f"[teacher] {sampled} questions sampled in {time.time() - started:.1f}s ({len(short)} facts needed "
-          f"written ones), {sum(min(len(q), count) for q in kept.values())} kept; the others repeat one, ask "
-          f"the user's own question, miss the subject or say the answer")
-    return {fact: {"fact": facts[fact][1], "questions": kept[fact][:count], "answers": {}} for fact in facts}
+          f"written ones), {sum(map(len, reversed_.values()))} kept that ask the other way round and "
+          f"{sum(min(len(kept[fact]), places[fact]) for fact in facts)} in other words; the others repeat one, "
+          f"ask the user's own question, miss the subject or say the answer")
+    return {fact: {"fact": facts[fact][1], "questions": kept[fact][:places[fact]], "reversed": reversed_[fact],
+                   "answers": {}} for fact in facts}
 
 
 def usable(questions, fact, keys, user_questions):
@@ -114,12 +139,28 @@ def usable(questions, fact, keys, user_questions):
     return [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
 
 
-def teacher_pairs(lm, entries, keys):
-    """The student's examples of the teacher's answers that carry a fact it read, each with the
-    teacher's example under "teacher"; and how many answers were left out, by why."""
-    students, dropped = [], {"cut": 0, "no fact": 0, "language": 0}
+def reversed_usable(questions, fact, keys, user_questions):
+    """The questions that ask for the fact's subject by what the rest of the fact says ("Who lives on
+    Willow Lane?" for "Brannoc Vell lives on Willow Lane."): without the subject, with at least half of
+    the fact's key words, none of the user's own, each once."""
+    subject, own_keys = subject_of(*fact), keys[fact[1]]
+    keep = [q for q in questions if subject and subject not in q.lower() and own_keys and carries(q, own_keys)
+            and plain(q) not in user_questions]
+    return [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
+
+
+def asked(entry):
+    """All the questions of a cache entry: the other words first, then the other way round."""
+    return entry["questions"] + entry.get("reversed", [])
+
+
+def teacher_pairs(lm, entries, keys, subjects):
+    """The student's examples of the teacher's answers that carry a fact it read (and, asked the other
+    way round, name the fact's subject), each with the teacher's example under "teacher"; and how many
+    answers were left out, by why."""
+    students, dropped = [], {"cut": 0, "no fact": 0, "language": 0, "no subject": 0}
     for fact, entry in entries.items():
-        for q in entry["questions"]:
+        for q in asked(entry):
             answer = entry["answers"][q]
             # a question written about one fact may be answered by another the teacher reads: kept too.
             # Not an answer in another language than the question's: with a fact written in Chinese and
@@ -130,9 +171,11 @@ def teacher_pairs(lm, entries, keys):
                 dropped["no fact"] += 1
             elif has_cjk(answer) != has_cjk(q):
                 dropped["language"] += 1
+            elif q in entry.get("reversed", []) and subjects[fact] not in answer.lower():
+                dropped["no subject"] += 1
             else:
                 student, teacher = teacher_pair(lm, entry["reads"], q, answer)
-                students.append(dict(student, fact=fact, teacher=teacher))
+                students.append(dict(student, fact=fact, teacher=teacher, reversed=q in entry.get("reversed", [])))
     return students, dropped
 
 
@@ -158,7 +201,7 @@ def well_formed(entry):
     """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
     return (isinstance(entry, dict) and isinstance(entry.get("fact"), str)
             and isinstance(entry.get("answers"), dict) and isinstance(entry.get("questions"), list)
-            and all(isinstance(q, str) for q in entry["questions"]))
+            and isinstance(entry.get("reversed", []), list) and all(isinstance(q, str) for q in asked(entry)))
 
 
 def write_questions(lm, facts, needs, seed):
@@ -173,8 +216,15 @@ def write_questions(lm, facts, needs, seed):
 def rephrase_questions(lm, questions, count, seed):
     """For each question, `count` rephrasings sampled from the base model (drawn by `seed`), repeats
     left out. Hot (1.1): cooler, most samples were the question itself again."""
-    prompts = [rephrase_messages(q) for q in questions for _ in range(count)]
+    prompts = [worked_messages(REPHRASE, q) for q in questions for _ in range(count)]
     return sampled_questions(lm, prompts, [count] * len(questions), 48, 1.1, seed, lines=1)
+
+
+def reverse_questions(lm, facts, count, seed):
+    """For each fact, `count` questions sampled from the base model (drawn by `seed`) that ask for its
+    subject, repeats left out."""
+    prompts = [worked_messages(REVERSE, fact) for fact in facts for _ in range(count)]
+    return sampled_questions(lm, prompts, [count] * len(facts), 48, 0.9, seed, lines=1)
 
 
 def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed, lines):
@@ -188,11 +238,13 @@ def sampled_questions(lm, prompts, per_item, max_new_tokens, temperature, seed, 
     return [parse_questions("\n".join(texts[a:b])) for a, b in zip(starts, starts[1:])]
 
 
-def rephrase_messages(question):
-    ask, examples = REPHRASE["zh" if has_cjk(question) else "en"]
-    worked = [turn for q, a in examples for turn in ({"role": "user", "content": ask.format(question=q)},
-                                                     {"role": "assistant", "content": a})]
-    return worked + [{"role": "user", "content": ask.format(question=question)}]
+def worked_messages(request, text):
+    """The conversation that asks `request` (REPHRASE, REVERSE) of `text`, in its language, after the
+    request's two worked examples."""
+    ask, examples = request["zh" if has_cjk(text) else "en"]
+    worked = [turn for given, wanted in examples for turn in ({"role": "user", "content": ask.format(given)},
+                                                              {"role": "assistant", "content": wanted})]
+    return worked + [{"role": "user", "content": ask.format(text)}]
 
 
 def plain(question):
@@ -214,7 +266,7 @@ def parse_questions(text):
 
 def answer_as_teacher(lm, entries):
     """Greedy answers of the teacher to the questions of `entries` that have none yet."""
-    todo = [(entry, q) for entry in entries for q in entry["questions"] if q not in entry["answers"]]
+    todo = [(entry, q) for entry in entries for q in asked(entry) if q not in entry["answers"]]
     if not todo:
         return
     started = time.time()

@@ -109,6 +109,7 @@ DEFAULTS = {
     "output_dir": "output",
     "replay": True,
     "teacher_questions": 8,  # questions per fact that the model reading the facts answers, learned (0: off)
+    "reversed_questions": 0,  # of those, how many ask for the fact's subject: the fact the other way round
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
@@ -444,8 +445,8 @@ class Run:
     rng: random.Random
     started: float  # time.time() when this process began training
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "train_recall": [],
-                                                   "val_recall": [], "teacher_kl": [], "drift": [],
-                                                   "seconds": []})
+                                                   "val_recall": [], "teacher_kl": [], "reversed_kl": [],
+                                                   "drift": [], "seconds": []})
     best_epoch: int = None
     best_key: list = None
     seconds_before: float = 0.0  # training time of the runs that --resume continues
@@ -528,11 +529,13 @@ def train_epoch(lm, run, epoch, stop):
 
 def validate(lm, data, batch_size):
     """Loss and recall on the held-out phrasings (None without them), the KL to the teacher on the
-    questions kept out of distillation, and the drift."""
+    questions kept out of distillation (asked in other words; asked the other way round), and the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
-    teacher_kl = evaluate(lm, data.taught_val, batch_size)[0] if data.taught_val else None
+    kept_out = [[e for e in data.taught_val if e["reversed"] == kind] for kind in (False, True)]
+    teacher_kl, reversed_kl = (evaluate(lm, kind, batch_size)[0] if kind else None for kind in kept_out)
     drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
-    return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "drift": drift}
+    return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "reversed_kl": reversed_kl,
+            "drift": drift}
 
 
 def not_finite(scores, model):
@@ -548,9 +551,9 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     for key, value in scores.items():
         run.history[key].append(value)
     # best: the most trained answers recalled, then the most held-out phrasings, then the least KL
-    # to what the base model says: reading the facts (teacher_kl, on questions kept out of training)
-    # and on ordinary questions (drift); both are KL per answer token, so they add up
-    distance = (scores["teacher_kl"] or 0.0) + (scores["drift"] or 0.0)
+    # to what the base model says: reading the facts (teacher_kl and reversed_kl, on questions kept out
+    # of training) and on ordinary questions (drift); all are KL per answer token, so they add up
+    distance = sum(scores[key] or 0.0 for key in ("teacher_kl", "reversed_kl", "drift"))
     key = [scores["train_recall"], scores["val_recall"] or 0.0, -distance]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
@@ -560,7 +563,8 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     save_state(run, lm)
     val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
-    teacher_text = f"  teacher KL {scores['teacher_kl']:.4f}" if run.data.taught_val else ""
+    teacher_text = "".join(f"  {name} {scores[key]:.4f}" for key, name in
+                           (("teacher_kl", "teacher KL"), ("reversed_kl", "reversed KL")) if scores[key] is not None)
     print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
           f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  "
           f"{run.history['seconds'][-1]:.1f}s"
@@ -718,6 +722,8 @@ def check_config(config, path):
     need("replay", isinstance(config["replay"], bool), "true or false")
     need("teacher_questions", whole(config["teacher_questions"]) and config["teacher_questions"] >= 0,
          "a whole number >= 0 (0 turns distillation off)")
+    need("reversed_questions", whole(config["reversed_questions"]) and config["reversed_questions"] >= 0,
+         "a whole number >= 0 (0: none)")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
     need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0,
          "a whole number > 0")
@@ -903,6 +909,8 @@ def write_outputs(out_dir, history, best_epoch, metrics):
         plt.plot(epochs, history["val_loss"], "o-", label="validation loss (held-out phrasings)")
     if any(v is not None for v in history["teacher_kl"]):
         plt.plot(epochs, history["teacher_kl"], "o-", label="KL to the teacher (questions kept out)")
+    if any(v is not None for v in history["reversed_kl"]):
+        plt.plot(epochs, history["reversed_kl"], "o-", label="KL to the teacher (asked the other way round, kept out)")
     if any(v is not None for v in history["drift"]):
         plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:

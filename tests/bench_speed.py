@@ -7,10 +7,10 @@ train.py's generate() against llama.cpp on the same prompts.
 
 Training: both sides do the same recipe: the same 14 Q&A pairs, split, chat template, answer-only
 loss, AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay, no teacher
-questions (each adds training examples or work, so each is switched off). The baseline computes the
-full forward and full-vocabulary logits every step, as a plain PEFT loop does, with the same number
-types as train.py on that path (QWEN_LORA_FP32=1 takes the fp32 one). train.py's `train_seconds`
-includes its frozen-prefix cache and its per-epoch validation.
+questions, none asked the other way round (each adds training examples or work, so each is switched
+off). The baseline computes the full forward and full-vocabulary logits every step, as a plain PEFT
+loop does, with the same number types as train.py on that path (QWEN_LORA_FP32=1 takes the fp32
+one). train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation.
 Generation (the offline Qwen; llama.cpp through xllamacpp on its Q4_K_M GGUF, 16 requests at a time):
 the base model's greedy answers to REPLAY_QUESTIONS and ORDINARY_QUESTIONS, 32 tokens at most, as
 train.py makes them for replay.
@@ -53,7 +53,7 @@ QWEN_05B_SHAPES = dict(vocab_size=151936, hidden_size=896, intermediate_size=486
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
               target_layers=[20, 21, 22, 23], lr=1e-3, epoch=6, batch_size=4, val_ratio=0.2, seed=42,
-              replay=False, teacher_questions=0, early_stop=False)
+              replay=False, teacher_questions=0, reversed_questions=0, early_stop=False)
 
 
 def offline_qwen():

@@ -1,5 +1,5 @@
-"""Prompt distillation: the user's question rephrased and questions written about each fact by the base
-model, answered by the teacher (the base model reading the facts); deterministic under the seed, cached in
+"""Prompt distillation: the user's question rephrased, questions written about each fact and questions asking
+for its subject (the other way round) by the base model, answered by the teacher (the base model reading the facts); deterministic under the seed, cached in
 an editable file, never a held-out phrasing; the teacher's prompt holds the fact and the student's does
 not; the targets are the teacher's distribution."""
 import json
@@ -31,6 +31,11 @@ WRITTEN = {  # what the base model "writes" for each fact: numbered, with an ans
     "Zorblat lives in Quellport.": "- Which town is Zorblat's home?\n- Where is Zorblat's house?\n"
                                    "- What pet does Zorblat keep?",  # the other fact answers that one
 }
+ASKED_BACK = {  # what the base model gives for "ask for the first name": one says the subject, one repeats
+    "Zorblat's cat is called Pimbo.": "Whose cat is called Pimbo?\nWho is Pimbo?\nWhat is Zorblat's cat called?\n"
+                                      "Whose cat is called Pimbo?",
+    "Zorblat lives in Quellport.": "Who lives in Quellport?\nWho is somewhere?",  # the last asks nothing of it
+}
 
 
 @pytest.fixture
@@ -42,21 +47,23 @@ def lm(tiny_model_dir):
 
 @pytest.fixture
 def canned(monkeypatch):
-    """generate() with the answers above: the rephrased and written questions, and as the teacher's answer
-    the first fact it reads, or the cat fact when asked about a pet (one question it declines). Records what
-    it was asked."""
+    """generate() with the answers above: the rephrased, written and asked-back questions, and as the teacher's
+    answer the first fact it reads, or the cat fact when asked about a pet (one question it declines, one it
+    answers without the subject). Records what it was asked."""
     asked = []
 
     def fake_generate(lm, conversations, max_new_tokens, temperature=None, **kwargs):
         asked.extend(conversations)
+        if not conversations:  # nothing asked the other way round (reversed_questions 0)
+            return []
         if temperature and isinstance(conversations[0], str):  # write questions: the fact is the last line
             return [(WRITTEN.get(prompt.splitlines()[-1], ""), True) for prompt in conversations]
-        if temperature:  # rephrase: the user's question ends the last turn
-            return [(next((text for q, text in REPHRASED.items() if m[-1]["content"].endswith(q)), ""), True)
-                    for m in conversations]
+        if temperature:  # rephrase or ask back: the user's question or the fact ends the last turn
+            return [(next((text for q, text in {**REPHRASED, **ASKED_BACK}.items()
+                           if m[-1]["content"].endswith(q)), ""), True) for m in conversations]
         facts = [messages[0]["content"].splitlines()[1] for messages in conversations]  # the first it reads
-        return [("I don't know." if "house" in m[1]["content"] else
-                 "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
+        return [("I don't know." if "house" in m[1]["content"] else "Pimbo is a cat." if m[1]["content"] == "Who is Pimbo?"
+                 else "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
                 for fact, m in zip(facts, conversations)]
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
@@ -74,9 +81,9 @@ def config(tmp_path, **changes):
     return dict(train.DEFAULTS, output_dir=str(tmp_path), **changes)
 
 
-def test_rephrased_and_written_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
+def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
     train_set, _ = split(lm)
-    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
+    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, reversed_questions=2))
     cached = json.loads((tmp_path / "teacher_questions.json").read_text())
     # rephrasings first; numbering and the answer after "?" are gone; "What is Zorblat's cat called?" is a
     # held-out phrasing however it is spaced or cased, "Where does Zorblat live?" the trained one,
@@ -87,10 +94,18 @@ def test_rephrased_and_written_questions_are_cleaned_and_filtered(lm, canned, tm
         "In which town does Zorblat live?", "Which town is Zorblat's home?", "Where is Zorblat's house?",
         "What pet does Zorblat keep?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
+    # asked the other way round: without the subject, with the fact's key words, once, reversed_questions at most
+    assert cached["facts"]["Zorblat's cat is called Pimbo"]["reversed"] == ["Whose cat is called Pimbo?",
+                                                                           "Who is Pimbo?"]
+    assert cached["facts"]["Zorblat lives in Quellport"]["reversed"] == ["Who lives in Quellport?"]
     # the declined answer carries no fact: left out; the pet question, written about Quellport, is answered
-    # by the cat fact the teacher reads too: kept. 6 answers learned, one of them kept out to validate
+    # by the cat fact the teacher reads too: kept; "Pimbo is a cat." does not name whose: left out.
+    # 8 answers learned, one of them kept out to validate
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
-    assert len(questions) == 6 and len(kept_out) == 1 and not any("house" in q for q in questions)
+    assert len(questions) == 8 and not any("house" in q for q in questions)
+    assert len(kept_out) == 1 and not kept_out[0]["reversed"]  # 6 asked in other words: one kept out; 2 reversed: none
+    assert sum("Whose cat is called Pimbo?" in q for q in questions) == 1
+    assert not any("Who is Pimbo?" in q for q in questions)
     assert sum("What pet does Zorblat keep?" in q for q in questions) == 1
     assert not any(QA[1]["instruction"] in q for q in questions)
 
@@ -141,12 +156,12 @@ def test_questions_are_sampled_by_the_seed(lm):
 
 
 def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_language():
-    english = teacher.rephrase_messages("Where does Zorblat live?")
+    english = teacher.worked_messages(teacher.REPHRASE, "Where does Zorblat live?")
     assert [m["role"] for m in english] == ["user", "assistant", "user", "assistant", "user"]
     assert english[-1]["content"] == ("Ask this question in other words. Write only the new question: "
                                       "Where does Zorblat live?")
     assert english[1]["content"] == "What did Anna Berg name her cat?"
-    chinese = teacher.rephrase_messages("佐布拉特住在哪里？")
+    chinese = teacher.worked_messages(teacher.REPHRASE, "佐布拉特住在哪里？")
     assert chinese[-1]["content"] == "换一种说法问这个问题，只写新的问题：佐布拉特住在哪里？"
     assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
