@@ -1,7 +1,7 @@
 """Prompt distillation: the user's question rephrased, questions written about each fact and questions asking
-for its subject (the other way round) by the base model, answered by the teacher (the base model reading the facts); deterministic under the seed, cached in
-an editable file, never a held-out phrasing; the teacher's prompt holds the fact and the student's does
-not; the targets are the teacher's distribution."""
+for its subject (the other way round) by the base model, answered by the teacher (the base model reading the
+facts); deterministic under the seed, cached in an editable file, never a held-out phrasing; the teacher's
+prompt holds the fact and the student's does not; the targets are the teacher's distribution."""
 import json
 
 import pytest
@@ -62,8 +62,9 @@ def canned(monkeypatch):
             return [(next((text for q, text in {**REPHRASED, **ASKED_BACK}.items()
                            if m[-1]["content"].endswith(q)), ""), True) for m in conversations]
         facts = [messages[0]["content"].splitlines()[1] for messages in conversations]  # the first it reads
-        return [("I don't know." if "house" in m[1]["content"] else "Pimbo is a cat." if m[1]["content"] == "Who is Pimbo?"
-                 else "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
+        return [("I don't know." if "house" in m[1]["content"] else
+                 "Pimbo is a cat." if m[1]["content"] == "Who is Pimbo?" else
+                 "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
                 for fact, m in zip(facts, conversations)]
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
