@@ -134,9 +134,8 @@ def usable(questions, fact, keys, user_questions):
     already ("Is Pimbo Zorblat's cat?"; one word of the answer is fine: "Which university did X
     attend?"), none of the user's own, each once."""
     subject, own_keys = subject_of(*fact), keys[fact[1]]
-    keep = [q for q in questions if plain(q) not in user_questions and subject in q.lower()
-            and not (own_keys and carries(q, own_keys))]
-    return [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
+    return each_once([q for q in questions if plain(q) not in user_questions and subject in q.lower()
+                      and not (own_keys and carries(q, own_keys))])
 
 
 def reversed_usable(questions, fact, keys, user_questions):
@@ -144,9 +143,13 @@ def reversed_usable(questions, fact, keys, user_questions):
     Willow Lane?" for "Brannoc Vell lives on Willow Lane."): without the subject, with at least half of
     the fact's key words, none of the user's own, each once."""
     subject, own_keys = subject_of(*fact), keys[fact[1]]
-    keep = [q for q in questions if subject and subject not in q.lower() and own_keys and carries(q, own_keys)
-            and plain(q) not in user_questions]
-    return [q for i, q in enumerate(keep) if plain(q) not in map(plain, keep[:i])]
+    return each_once([q for q in questions if subject and subject not in q.lower() and own_keys
+                      and carries(q, own_keys) and plain(q) not in user_questions])
+
+
+def each_once(questions):
+    """`questions` without the repeats (compared as plain() compares them), in order."""
+    return [q for i, q in enumerate(questions) if plain(q) not in map(plain, questions[:i])]
 
 
 def asked(entry):

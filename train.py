@@ -532,7 +532,7 @@ def validate(lm, data, batch_size):
     questions kept out of distillation (asked in other words; asked the other way round), and the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
     kept_out = [[e for e in data.taught_val if e["reversed"] == kind] for kind in (False, True)]
-    teacher_kl, reversed_kl = (evaluate(lm, kind, batch_size)[0] if kind else None for kind in kept_out)
+    teacher_kl, reversed_kl = (evaluate(lm, group, batch_size)[0] if group else None for group in kept_out)
     drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
     return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "reversed_kl": reversed_kl,
             "drift": drift}

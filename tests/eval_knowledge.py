@@ -91,8 +91,7 @@ class Reader:
         prompt as train.py's teacher does."""
         start = teacher.teacher_messages([a for _, a, _, _ in facts], "")[:1] if facts else []
         asked = ASKED_OTHERWISE[name]
-        singles = questions + [q for q, _ in asked["reversed"]] + asked["unknown"]
-        answers = self.ask([start + [user(q)] for q in singles], model)
+        answers = self.ask([start + [user(q)] for q in single_questions(name, questions)], model)
         opened = self.ask([start + [user(request)] for request, _, _ in asked["conversations"]], model, 128)
         followed = self.ask([start + [user(request), {"role": "assistant", "content": said}, user(q)]
                              for (request, _, then), said in zip(asked["conversations"], opened) for q, _ in then],
@@ -106,6 +105,12 @@ class Reader:
             return self.answers(name, questions, model)
         finally:
             self.model = model.unload()  # the base model again, for the next run
+
+
+def single_questions(name, questions):
+    """`questions`, then the set's reversed and unknown questions: what Reader.answers asks one at a time."""
+    asked = ASKED_OTHERWISE[name]
+    return questions + [q for q, _ in asked["reversed"]] + asked["unknown"]
 
 
 def user(content):
@@ -139,7 +144,7 @@ def reference_columns(reader, name, facts, other_words):
 
 def answers_by_question(name, questions, answers, opened, followed):
     asked = ASKED_OTHERWISE[name]
-    singles = questions + [q for q, _ in asked["reversed"]] + asked["unknown"]
+    singles = single_questions(name, questions)
     follow_ups = [f"{request} ... {q}" for request, _, then in asked["conversations"] for q, _ in then]
     return {**dict(zip(singles, answers)), **dict(zip([r for r, _, _ in asked["conversations"]], opened)),
             **dict(zip(follow_ups, followed))}
