@@ -87,7 +87,8 @@ def teacher_examples(lm, qa_data, train_set, config):
     rng, kept_out = random.Random(config["seed"]), set()
     for kind in (False, True):  # a few of each kind: asked in other words, asked the other way round
         group = [i for i, e in enumerate(students) if e["reversed"] == kind]
-        kept_out.update(rng.sample(group, min(len(group) // 5, 8)))
+        # a fifth, 8 at most; one of 3 or 4 (a one-fact data.py: len // 5 kept none, nothing validated)
+        kept_out.update(rng.sample(group, min(round(len(group) / 5), 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
           f"left out: {dropped['cut']} cut at {TEACHER_MAX_TOKENS} tokens, {dropped['no fact']} carrying no fact, "
           f"{dropped['language']} in another language, {dropped['no subject']} asked the other way round "
@@ -293,19 +294,23 @@ def teacher_pair(lm, facts, question, answer):
     return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
 
 
+ARTICLES = {"the", "a", "an"}  # "the" as a subject was in every question: none asked the other way round passed
+
+
 def has_cjk(text):
     return any("\u4e00" <= c <= "\u9fff" for c in text)
 
 
 def subject_of(question, answer):
     """What a fact is about, as far as its question and answer show it: the start of the longest
-    stretch they share (its first word; in Chinese its first two characters), or "" if none."""
+    stretch they share (its first word but an article: "orla" for "the Orla Tower"; in Chinese its
+    first two characters), or "" if none."""
     a, b = question.lower(), answer.lower()
     shared = max((a[i:j] for i in range(len(a)) for j in range(i + 2, len(a) + 1) if a[i:j] in b),
                  key=len, default="").strip(" '\"")
     if has_cjk(shared):
         return shared[:2] if len(shared) >= 2 else ""
-    words = re.findall(r"\w+", shared)
+    words = [w for w in re.findall(r"\w+", shared) if w not in ARTICLES]
     return words[0] if words and len(words[0]) >= 3 else ""
 
 

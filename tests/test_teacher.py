@@ -167,6 +167,18 @@ def test_the_rephrasing_prompt_shows_two_worked_examples_in_the_questions_langua
     assert chinese[1]["content"] == "王芳给她的猫起了什么名字？"
 
 
+def test_the_subject_is_the_first_shared_word_but_an_article():
+    assert teacher.subject_of("Where does Zorblat live?", "Zorblat lives in Quellport.") == "zorblat"
+    # "the" was the subject of every "the X" fact: every question named it, none without it asked back
+    assert teacher.subject_of("How tall is the Orla Tower?", "The Orla Tower is 212 metres tall.") == "orla"
+    assert teacher.subject_of("北塔有多少层？", "北塔一共有十三层。") == "北塔"
+    assert teacher.subject_of("What is it?", "Nothing shared here.") == ""
+    fact = ("How tall is the Orla Tower?", "The Orla Tower is 212 metres tall.")
+    reversed_ = teacher.reversed_usable(["Which is the tower 212 metres tall?", "Is the Orla Tower 212 metres tall?"],
+                                        fact, {fact[1]: ["212", "metres"]}, set())
+    assert reversed_ == ["Which is the tower 212 metres tall?"]  # "the" in it, not the subject
+
+
 def test_the_teacher_reads_its_fact_and_the_most_alike_while_they_fit_in_data_py_order(monkeypatch):
     cat, fish, town, moon = ("Zorblat's cat is called Pimbo.", "Zorblat's cat likes fish.",
                              "Zorblat lives in Quellport.", "The moon is round.")
