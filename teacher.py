@@ -294,11 +294,11 @@ def teacher_pair(lm, facts, question, answer):
     return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
 
 
-ARTICLES = {"the", "a", "an"}  # "the" as a subject was in every question: none asked the other way round passed
-
-
 def has_cjk(text):
     return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+ARTICLES = {"the", "a", "an"}  # "the" as a subject was in every question: none asked the other way round passed
 
 
 def subject_of(question, answer):
