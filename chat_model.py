@@ -207,21 +207,25 @@ def generate(lm, conversations, max_new_tokens, temperature=None, lines=None, st
 
 
 def decode(lm, prompts, max_new_tokens, temperature, lines, streamer):
-    """[(answer tokens, finished)] for a batch of prompt token lists (see generate)."""
+    """[(answer tokens, finished)] for a batch of prompt token lists (see generate). A prompt asked
+    several times (samples of one request) is computed once, its keys and values repeated per row."""
     device, stops = lm.model.device, {lm.eot_id, lm.tokenizer.eos_token_id}
-    shared, cache = shared_start(lm, prompts)
-    width = max(map(len, prompts))  # the rest of each prompt is left-padded after the shared start
-    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * (len(p) - shared) for p in prompts],
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    repeat = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)
+    shared, cache = shared_start(lm, distinct)
+    width = max(map(len, distinct))  # the rest of each prompt is left-padded after the shared start
+    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * (len(p) - shared) for p in distinct],
                         device=device)
-    ids = torch.tensor([[lm.pad_id] * (width - len(p)) + p[shared:] for p in prompts], device=device)
+    ids = torch.tensor([[lm.pad_id] * (width - len(p)) + list(p[shared:]) for p in distinct], device=device)
     positions = (mask.cumsum(1) - 1).clamp_min(0)[:, shared:]
+    logits = next_logits(lm, ids, mask, positions, cache)
+    cache.batch_select_indices(repeat)
+    logits, mask, positions = logits[repeat], mask[repeat], positions[repeat][:, -1:]
     answers, finished, counts = [[] for _ in prompts], [False] * len(prompts), LineCounts(lm, len(prompts))
     rows = list(range(len(prompts)))  # the rows still answering, in the batch's order
     if streamer is not None:
         streamer.put(torch.tensor(prompts[0]))
-    for _ in range(max_new_tokens):
-        logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True, logits_to_keep=1).logits[:, -1]
+    for step in range(max_new_tokens):
         chosen = next_tokens(logits, temperature).tolist()
         for row, token in zip(rows, chosen):
             if token in stops:
@@ -232,19 +236,25 @@ def decode(lm, prompts, max_new_tokens, temperature, lines, streamer):
         if streamer is not None and not finished[0]:
             streamer.put(torch.tensor([chosen[0]]))
         going = [j for j, row in enumerate(rows) if not finished[row]]
-        if not going:
+        if not going or step == max_new_tokens - 1:
             break
         if len(going) < len(rows):  # finished rows leave the batch
             keep = torch.tensor(going, device=device)
             cache.batch_select_indices(keep)
             mask, positions = mask[keep], positions[keep]
         rows = [rows[j] for j in going]
-        ids = torch.tensor([[chosen[j]] for j in going], device=device)
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
+        logits = next_logits(lm, torch.tensor([[chosen[j]] for j in going], device=device), mask, positions, cache)
     if streamer is not None:
         streamer.end()
     return list(zip(answers, finished))
+
+
+def next_logits(lm, ids, mask, positions, cache):
+    """The logits of the token after `ids` (batch x new tokens), extending `cache`."""
+    return lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                    logits_to_keep=1).logits[:, -1]
 
 
 def shared_start(lm, prompts):

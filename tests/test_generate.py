@@ -90,6 +90,22 @@ def test_batches_with_a_shared_start_padding_and_rows_that_finish_early_answer_a
     assert [finished for _, finished in answers] == [len(a) < 10 for a in expected]
 
 
+def test_a_prompt_asked_several_times_is_computed_once_and_sampled_in_every_row(tiny_lm, monkeypatch):
+    monkeypatch.setattr(chat_model, "generation_copy", lambda lm: None)  # fp32: exactness
+    questions = ["Q?", "Why?", "Q?", "Q?"]
+    alone = [one_at_a_time(tiny_lm, chat_model.prompt_ids(tiny_lm.tokenizer, q), 6, stop=None) for q in questions]
+    rows, forward = [], tiny_lm.model.forward
+    monkeypatch.setattr(tiny_lm.model, "forward", lambda **kw: rows.append(len(kw["input_ids"])) or forward(**kw))
+    answers = chat_model.generate(tiny_lm, questions, 6)
+    assert rows[1] == 2  # after the shared start, the rest of "Q?" and of "Why?", each once
+    assert [text for text, _ in answers] == [tiny_lm.tokenizer.decode(a, skip_special_tokens=True).strip()
+                                            for a in alone]
+    rows.clear()
+    torch.manual_seed(0)
+    sampled = chat_model.generate(tiny_lm, ["Q?"] * 8, 6, temperature=2.0)
+    assert rows[1] == 1 and len(set(sampled)) > 1  # one prompt computed, eight rows drawn apart
+
+
 def test_a_batch_ends_where_the_next_prompt_would_shrink_the_shared_start_by_more_than_a_batch_costs():
     a, b, c = [1] * 10 + [2], [1] * 10 + [3], [1] * 10 + [4]  # 10 tokens shared
     d = [1, 5, 6]  # shares one token with them
