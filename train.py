@@ -119,6 +119,8 @@ DEFAULTS = {
 def train(config, resume=False):
     """The recipe: data -> model with LoRA -> examples -> base answers -> cache -> fit -> report."""
     qa_data = load_data(config)  # checked before the slow model load
+    if resume:
+        resumable(config)  # so is the interrupted run's state
     os.makedirs(config["output_dir"], exist_ok=True)
     lm = load_model_with_lora(config)
     train_set, val_set = encode_and_split(lm, qa_data, config)
@@ -965,12 +967,18 @@ def save_state(run, lm):
                       f, ensure_ascii=False)
 
 
-def load_state(run, lm):
-    """Put back what save_state() wrote, after checking that config.json and data.py are unchanged."""
-    directory = state_dir(run.config)
+def resumable(config):
+    """The directory of an interrupted run's state (see save_state); a UserError when there is none."""
+    directory = state_dir(config)
     restore_interrupted_swap(directory)
     if not os.path.exists(os.path.join(directory, "state.json")):
         raise UserError(f"nothing to resume in {directory}: run `python train.py` without --resume")
+    return directory
+
+
+def load_state(run, lm):
+    """Put back what save_state() wrote, after checking that config.json and data.py are unchanged."""
+    directory = resumable(run.config)
     with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     changed = [k for k in run.config

@@ -50,6 +50,14 @@ def qwen_dir():
 
 
 @pytest.fixture(scope="session")
+def offline_gguf(qwen_dir):
+    """The offline Qwen's GGUF as train.py joined it from the real pieces (each checked against its SHA-256),
+    read by gguf's reader once for every test: reading the tokenizer's 151,936 tokens takes ~10 s."""
+    import gguf
+    return gguf.GGUFReader(os.path.join(ROOT, model_files.OFFLINE_GGUF))
+
+
+@pytest.fixture(scope="session")
 def qwen(qwen_dir):
     """The real model, loaded once per test session (float32, CPU). Tests must leave it as they found it."""
     tokenizer, model = model_files.load_model(qwen_dir, torch.device("cpu"), torch.float32)

@@ -147,7 +147,7 @@ def top_logprobs(server, tokenizer, question):
     return {t["id"]: t["logprob"] for t in reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
 
 
-def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, merged_gguf):
+def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, merged_gguf, offline_gguf):
     """llama.cpp runs the exported file: the trained answer, the ordinary answer as before, the merged
     model's next-token distribution within F16's rounding, and every key and tensor of the reference GGUF."""
     import gguf
@@ -161,7 +161,7 @@ def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, merg
                                      .logits[0, -1], -1)
     assert max(abs(p - logprobs[i].item()) for i, p in top.items()) < 0.05  # F16 weights, 24 layers
 
-    reference = gguf.GGUFReader(os.path.join(ROOT, model_files.OFFLINE_GGUF))  # written by llama.cpp's converter
+    reference = offline_gguf  # written by llama.cpp's converter
     exported = gguf.GGUFReader(merged_gguf)
     assert set(exported.fields) == set(reference.fields)
     assert {t.name: list(t.shape) for t in exported.tensors} == {t.name: list(t.shape) for t in reference.tensors}

@@ -72,16 +72,6 @@ def test_loading_a_gguf_parses_its_header_once(monkeypatch, tmp_path):
     assert parses == [str(tmp_path / "m.gguf"), str(tmp_path / "other.gguf")] and gguf.GGUFReader is reader
 
 
-@pytest.fixture(scope="module")
-def offline_gguf(tmp_path_factory):
-    """The real pieces, checked against their hashes and joined, read by gguf's reader (once: it takes
-    seconds to read the tokenizer's 151,936 tokens)."""
-    from gguf import GGUFReader
-    path = tmp_path_factory.mktemp("offline") / "qwen.gguf"
-    model_files.join_parts(model_files.offline_parts(), str(path))
-    return {t.name: t for t in GGUFReader(path).tensors}
-
-
 @pytest.mark.parametrize("gguf_name, name", [
     ("blk.23.attn_q.weight", "model.layers.23.self_attn.q_proj.weight"),
     ("blk.0.attn_v.bias", "model.layers.0.self_attn.v_proj.bias"),
@@ -91,7 +81,8 @@ def offline_gguf(tmp_path_factory):
 def test_the_converted_directory_holds_the_gguf_weights(qwen, offline_gguf, gguf_name, name):
     """Each tensor as gguf's own dequantization reads it from the joined pieces, bit for bit."""
     from gguf.quants import dequantize
-    tensor, weight = offline_gguf[gguf_name], dict(qwen.model.named_parameters())[name].detach()
+    tensor = next(t for t in offline_gguf.tensors if t.name == gguf_name)
+    weight = dict(qwen.model.named_parameters())[name].detach()
     values = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).astype("float32"))
     assert torch.equal(values.reshape(weight.shape), weight)
 
