@@ -4,15 +4,15 @@ train.py's generate() against llama.cpp on the same prompts.
 
     python tests/bench_speed.py            # random model with Qwen2.5-0.5B-Instruct's shapes
     python tests/bench_speed.py --real     # the offline Qwen2.5-Coder-0.5B-Instruct itself
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 QWEN_LORA_FP32=1 \
+        python tests/bench_speed.py        # as on an AVX2-only CPU (MKL, torch's and oneDNN's kernels)
 
 Training: both sides do the same recipe: the same 14 Q&A pairs, split, chat template, answer-only
 loss, AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no replay, no teacher
 questions, none asked the other way round (each adds training examples or work, so each is switched
 off). The baseline computes the full forward and full-vocabulary logits every step, as a plain PEFT
 loop does, with the same number types as train.py on that path (QWEN_LORA_FP32=1 takes the fp32
-one). train.py's `train_seconds` includes its frozen-prefix cache, the base model's guesses (its answer
-head's vocabulary: training computes the LM head over those and the answers' tokens only, an
-approximation the baseline does not make) and its per-epoch validation.
+one). train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation.
 Generation (the offline Qwen; llama.cpp through xllamacpp on its Q4_K_M GGUF, 16 requests at a time):
 the base model's greedy answers to REPLAY_QUESTIONS and ORDINARY_QUESTIONS, 32 tokens at most, as
 train.py makes them for replay.
