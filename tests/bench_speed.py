@@ -12,7 +12,9 @@ loss, AdamW, LoRA r=8 on q_proj/v_proj of layers 20-23, batch 4, 6 epochs, no re
 questions, none asked the other way round (each adds training examples or work, so each is switched
 off). The baseline computes the full forward and full-vocabulary logits every step, as a plain PEFT
 loop does, with the same number types as train.py on that path (QWEN_LORA_FP32=1 takes the fp32
-one). train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation.
+one). train.py's `train_seconds` includes its frozen-prefix cache and its per-epoch validation; on the
+fp32 path also the base model's guesses (the answer head's vocabulary, train.answer_head_pays: training
+computes the LM head over those and the answers' tokens only, an approximation the baseline does not make).
 Generation (the offline Qwen; llama.cpp through xllamacpp on its Q4_K_M GGUF, 16 requests at a time):
 the base model's greedy answers to REPLAY_QUESTIONS and ORDINARY_QUESTIONS, 32 tokens at most, as
 train.py makes them for replay.

@@ -36,10 +36,16 @@ def main():
     cache_s = time.time() - t0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
+    head = None  # the answer head where fit() trains with it, its vocabulary as frozen_outputs() makes it
+    if train.answer_head_pays(lm):
+        train.set_guesses(lm, train_set, stored={})
+        head = train.AnswerHead.of(lm, train.Examples(train_set, val_set, [], [], [], []).vocabulary())
+    trained_rows = len(head.ids) if head else 151936
+
     def epoch():
         set_lora_training(model, True)
         for batch in train.shuffled_batches(train_set, 4, random.Random(0)):
-            loss, _ = train.batch_loss(lm, batch)
+            loss, _ = train.batch_loss(lm, batch, head)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -54,15 +60,17 @@ def main():
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     # FLOPs of one epoch: 4 target layers forward + backward (input grads; LoRA grads are tiny),
-    # the LM head at answer positions forward + backward, validation forward.
+    # the LM head (the answer head's rows where fit() uses it) at answer positions forward + backward,
+    # validation forward (the full head).
     per_layer = 896 * 896 * 2 + 896 * 128 * 2 + 3 * 896 * 4864
     tokens = sum(len(e["input_ids"]) for e in train_set)
     answers = sum(len(e["target_ids"]) for e in train_set)
     val_tokens = sum(len(e["input_ids"]) for e in val_set)
     val_answers = sum(len(e["target_ids"]) for e in val_set)
-    head = 151936 * 896
-    flops = 2 * (2 * 4 * per_layer * tokens + 2 * head * answers) + 2 * (4 * per_layer * val_tokens + head * val_answers)
-    print(f"{'bf16' if chat_model.CPU_BF16 else 'fp32'} path: cache {cache_s:.2f}s, one epoch {epoch_s:.2f}s; the epoch's matmuls need {flops / 1e9:.0f} GFLOP "
+    flops = (2 * (2 * 4 * per_layer * tokens + 2 * trained_rows * 896 * answers)
+             + 2 * (4 * per_layer * val_tokens + 151936 * 896 * val_answers))
+    print(f"{'bf16' if chat_model.CPU_BF16 else 'fp32'} path: cache {cache_s:.2f}s, one epoch {epoch_s:.2f}s "
+          f"(LM head in training: {trained_rows} rows); the epoch's matmuls need {flops / 1e9:.0f} GFLOP "
           f"-> {flops / 1e9 / epoch_s:.0f} GFLOP/s achieved")
 
 

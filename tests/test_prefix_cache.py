@@ -94,6 +94,7 @@ def test_what_the_frozen_model_computes_is_kept_for_the_next_run_and_made_again_
     model = tiny_model("qwen2", layers=4)
     inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
     config = {"output_dir": str(tmp_path)}
+    monkeypatch.setattr(chat_model, "CPU_BF16", False)  # the fp32 path, whose training needs guesses and tails
 
     def run(first_lora_layer=2, data=None):
         lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=first_lora_layer, path="tiny")
@@ -104,11 +105,16 @@ def test_what_the_frozen_model_computes_is_kept_for_the_next_run_and_made_again_
 
     first, printed = run()
     assert "computed once for 7 examples" in printed and "answers of 6 examples, kept from the last run for 0" in printed
+    assert "tokens at the answers of 1 examples, kept from the last run for 0" in printed  # data.train's guesses
+    assert "training computes, at the answers of 4 examples, kept from the last run for 0" in printed  # + replay
     again, printed = run()
     assert "computed once for 0 examples, kept from the last run for 7" in printed
     assert "answers of 0 examples, kept from the last run for 6" in printed
+    assert "tokens at the answers of 0 examples, kept from the last run for 1" in printed
+    assert "training computes, at the answers of 0 examples, kept from the last run for 4" in printed
     for a, b in zip(first, again):  # the very numbers computed the first time
         assert all(torch.equal(a[k], b[k]) for k in ("prefix", "target_ids", "target_probs"))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first[:1], again) for k in ("guesses", "tail"))
     _, printed = run(data=examples() + examples(seed=1)[:1])  # a new example: only it is computed
     assert "computed once for 1 examples" in printed and "answers of 1 examples" in printed
     _, printed = run(first_lora_layer=3)  # other layers cached: made again
@@ -117,3 +123,6 @@ def test_what_the_frozen_model_computes_is_kept_for_the_next_run_and_made_again_
         f.write(b"broken")
     _, printed = run(first_lora_layer=3)
     assert "cannot be read" in printed and "computed once for 7 examples" in printed
+    monkeypatch.setattr(chat_model, "CPU_BF16", True)  # bf16 products: training has the full head
+    _, printed = run()
+    assert "computed once for 7 examples" in printed and "[guesses]" not in printed and "[tails]" not in printed

@@ -113,9 +113,9 @@ def test_a_diverged_epoch_is_never_saved_and_the_last_finite_adapter_is_kept(mon
     steps = []
     real_batch_loss = train.batch_loss
 
-    def blows_up_in_epoch_3(lm, batch):  # 4 pairs + 4 replay in batches of 2: 4 steps an epoch
+    def blows_up_in_epoch_3(lm, batch, head=None):  # 4 pairs + 4 replay in batches of 2: 4 steps an epoch
         steps.append(torch.is_grad_enabled())  # validation runs without gradients
-        loss, hits = real_batch_loss(lm, batch)
+        loss, hits = real_batch_loss(lm, batch, head)
         return (loss * math.inf if sum(steps) > 8 else loss), hits
 
     monkeypatch.setattr(train, "batch_loss", blows_up_in_epoch_3)
@@ -170,3 +170,46 @@ def test_validation_runs_with_dropout_off():
     first = train.evaluate(lm, data.drift, 4)
     train.set_lora_training(lm.model, True)
     assert train.evaluate(lm, data.drift, 4) == first
+
+
+def test_training_computes_the_lm_head_over_the_targets_and_the_base_models_guesses_and_the_rest_as_one_logit():
+    lm = tiny_lm()
+    data = examples(lm, known=True)
+    train.set_guesses(lm, data.train, stored={}, top_k=3)
+    vocabulary = data.vocabulary()
+    wanted = {int(t) for e in data.everything() for t in e["target_ids"].flatten()}
+    guessed = {int(t) for e in data.train for t in e["guesses"].flatten()}
+    assert set(vocabulary.tolist()) == wanted | guessed and len(vocabulary) < lm.model.config.vocab_size
+    head = train.AnswerHead.of(lm, vocabulary)
+    batch = train.pack(data.train, "cpu")
+    full, _ = train.supervised_logits(lm, batch)
+    part, _ = train.supervised_logits(lm, batch, head)
+    assert torch.allclose(part, full[:, vocabulary])  # the full head's columns of those tokens
+    # the KL to the targets with the softmax taken over those tokens; recall in full-vocabulary ids
+    loss, hits = train.batch_loss(lm, data.train, head)
+    answers = batch["targets"][batch["targets"] != chat_model.IGNORE]
+    restricted = torch.nn.functional.cross_entropy(full[:, vocabulary], head.rows[answers])
+    assert torch.allclose(loss, restricted) and not torch.allclose(loss, torch.nn.functional.cross_entropy(full, answers))
+    assert hits == train.batch_loss(lm, data.train)[1] == [True] * 4  # known pairs: greedy is the answer
+    # with the base model's logit of the other tokens beside them, the loss is the full head's before training
+    train.set_tails(lm, data.train, vocabulary, stored={})
+    assert torch.allclose(train.batch_loss(lm, data.train, head)[0], train.batch_loss(lm, data.train)[0])
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_training_steps_use_the_answer_head_where_products_are_fp32_and_the_full_head_with_bf16(
+        monkeypatch, tmp_path, cpu_bf16):
+    heads = []
+    real_batch_loss = train.batch_loss
+
+    def recording(lm, batch, head=None):
+        if torch.is_grad_enabled():  # a training step; validation always has the full head
+            heads.append(head)
+        return real_batch_loss(lm, batch, head)
+
+    monkeypatch.setattr(chat_model, "CPU_BF16", cpu_bf16)
+    monkeypatch.setattr(train, "batch_loss", recording)
+    lm = tiny_lm()
+    fit(lm, examples(lm, known=False), tmp_path, epoch=1, early_stop=False)
+    assert len(heads) == 4  # 4 pairs + 4 replay in batches of 2
+    assert all(isinstance(head, train.AnswerHead) != cpu_bf16 for head in heads)
