@@ -3,9 +3,11 @@
 For each fact of data.py the base model rephrases the user's question, writes questions the fact
 answers and asks for the fact's subject by the rest of it (the fact the other way round; all sampled
 under `seed`, filtered); the teacher, the base model reading the facts in its system
-prompt (teacher_reading), answers them greedily. teacher_examples() returns the pairs to learn: the
-student's example (the question alone) with the teacher's (the facts, then the question) beside it,
-whose distribution train.py's soft targets take. All of it is cached in output/teacher_questions.json,
+prompt (teacher_reading), answers them greedily; it also answers openings about each fact's subject
+("Tell me about X.") and follow-ups that refer back to it ("Where does he live?"), in conversations.
+teacher_examples() returns the pairs to learn: the student's example (the question or conversation
+alone) with the teacher's (the facts, then the same) beside it, whose distribution train.py's soft
+targets take. All of it is cached in output/teacher_questions.json,
 which the user may read and edit. Needs lm (tokens, generate) and safe_files (the JSON cache).
 """
 import math
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from chat_model import encode, generate, make_example, prompt_ids, question_of
+from chat_model import generate, make_example, prompt_ids, question_of
 from safe_files import read_json, write_json
 
 WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
@@ -44,8 +46,19 @@ REVERSE = {
     "zh": ("用这句话的其余部分提一个问题，答案是句子里的第一个名字，只写问题：{}",
            [("王芳的猫叫咪咪。", "谁的猫叫咪咪？"), ("老磨坊的主人是李明。", "老磨坊的主人是谁？")]),
 }
+# asked of the teacher about each subject, opening a conversation (in the language of the fact it is followed by)
+# the teacher's answers to them are what the student learns to say when asked openly: all of them learned
+OPENINGS = {"en": ["Tell me about {}.", "What do you know about {}?", "Can you tell me about {}?",
+                   "Give me an overview of {}."],
+            "zh": ["介绍一下{}。", "给我讲讲{}。", "你了解{}吗？说说看。", "请介绍{}。"]}
+PRONOUNS = {"he": ("him", "his"), "she": ("her", "her"), "it": ("it", "its")}  # a follow-up's, and as object, whose
+AUXILIARIES = {"is", "was", "are", "were", "does", "did", "do", "has", "have", "had", "can", "could", "will",
+               "would", "should"}  # "Where does he live?": after these the subject pronoun, else "Who founded it?"
 TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
+KINDS = ("other words", "reversed", "conversation")  # of the teacher's examples; a few of each are validated
+# (and "open", the answers to OPENINGS, never kept out: a subject has only a few)
 TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
+OPEN_MAX_TOKENS = 96  # a teacher's answer to an opening: several facts; one cut here ends at its last full sentence
 TEACHER_READS_TOKENS = 512  # a teacher reads its fact and the facts most like it, up to this many tokens
 
 
@@ -57,16 +70,19 @@ def teacher_examples(lm, qa_data, train_set, config):
     in words the user never wrote. Made once, cached in output/teacher_questions.json, readable and
     editable: a question added there is answered by the teacher and trained next run, one deleted is
     gone.
+    With `conversations` per fact, the student also learns conversations (see conversations()).
     Returns (train, validation) examples, each with the teacher's example of the same answer under
-    "teacher" (train.py takes the teacher's distribution there) and whether it asks the other way round
-    under "reversed": a few of each kind are kept out to validate the KL to the teacher."""
+    "teacher" (train.py takes the teacher's distribution there) and its kind (KINDS) under "kind": a few
+    of each kind are kept out to validate the KL to the teacher."""
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
-    made_for = {"seed": config["seed"], "count": config["teacher_questions"],
-                "reversed": config["reversed_questions"], "from": ["rephrased", "written", "reversed"]}
+    made_for = {"seed": config["seed"], "count": config["teacher_questions"], "reversed": config["reversed_questions"],
+                "follow_ups": config["conversations"], "from": ["rephrased", "written", "reversed"]}
     cached = read_json(path) or {}
-    entries = cached.get("facts", {}) if {k: cached.get(k) for k in made_for} == made_for else {}
+    if {k: cached.get(k) for k in made_for} != made_for:  # made for another config: made again
+        cached = {}
+    entries = cached.get("facts", {})
     facts = {}  # fact -> (question, answer) of its first trained pair
     for e in train_set:
         facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
@@ -81,12 +97,14 @@ def teacher_examples(lm, qa_data, train_set, config):
         if entry.get("reads") != reads:  # new, or data.py changed what the teacher reads: answered again
             entry.update(reads=reads, answers={})
     answer_as_teacher(lm, entries.values())
-    write_json(path, {**made_for, "facts": entries})
+    talks = conversations(lm, facts, entries, tokens, cached.get("conversations", {}), config["conversations"])
+    write_json(path, {**made_for, "facts": entries, "conversations": talks})
     subjects = {fact: subject_of(*facts[fact]) for fact in facts}
     students, dropped = teacher_pairs(lm, entries, keys, subjects)
+    students += conversation_pairs(lm, talks, keys, dropped, {plain(question_of(item)) for item in qa_data})
     rng, kept_out = random.Random(config["seed"]), set()
-    for kind in (False, True):  # a few of each kind: asked in other words, asked the other way round
-        group = [i for i, e in enumerate(students) if e["reversed"] == kind]
+    for kind in KINDS:  # a few of each kind
+        group = [i for i, e in enumerate(students) if e["kind"] == kind]
         # a fifth, 8 at most; one of 3 or 4 (a one-fact data.py: len // 5 kept none, nothing validated)
         kept_out.update(rng.sample(group, min(round(len(group) / 5), 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
@@ -178,8 +196,9 @@ def teacher_pairs(lm, entries, keys, subjects):
             elif q in entry.get("reversed", []) and subjects[fact] not in answer.lower():
                 dropped["no subject"] += 1
             else:
-                student, teacher = teacher_pair(lm, entry["reads"], q, answer)
-                students.append(dict(student, fact=fact, teacher=teacher, reversed=q in entry.get("reversed", [])))
+                student, teacher = teacher_pair(lm, entry["reads"], [user(q)], answer)
+                kind = "reversed" if q in entry.get("reversed", []) else "other words"
+                students.append(dict(student, fact=fact, teacher=teacher, kind=kind))
     return students, dropped
 
 
@@ -282,16 +301,23 @@ def answer_as_teacher(lm, entries):
 
 
 def teacher_messages(facts, question):
-    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))},
-            {"role": "user", "content": question}]
+    return teacher_turns(facts, [user(question)])
 
 
-def teacher_pair(lm, facts, question, answer):
-    """The same answer after the student's prompt (the question alone) and the teacher's (the facts
-    in the system prompt, then the question)."""
-    student = encode(lm, question, answer)
-    answer_ids = student["input_ids"][len(prompt_ids(lm.tokenizer, question)):]
-    return student, make_example(prompt_ids(lm.tokenizer, teacher_messages(facts, question)), answer_ids)
+def teacher_turns(facts, turns):
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))}] + turns
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def teacher_pair(lm, facts, turns, answer):
+    """The same answer after the student's prompt (the conversation `turns` alone) and the teacher's
+    (the facts in the system prompt, then the same turns)."""
+    answer_ids = lm.tokenizer(answer, add_special_tokens=False).input_ids + [lm.eot_id]
+    return (make_example(prompt_ids(lm.tokenizer, turns), answer_ids),
+            make_example(prompt_ids(lm.tokenizer, teacher_turns(facts, turns)), answer_ids))
 
 
 def has_cjk(text):
@@ -331,3 +357,183 @@ def carries(text, keys):
     """Whether `text` (a teacher's answer, a written question) holds at least half of a fact's key words."""
     found = sum(k in text.lower() for k in keys)
     return found >= max(1, math.ceil(len(keys) / 2)) if keys else True
+
+
+# ----------------------------------------------------------------------------- conversations
+# Asked once the facts are in, people open with the subject ("Tell me about Mara Lind.") and then ask about
+# "her" in the next turn. A student taught single questions alone answered those follow-ups worse than the
+# teacher reading the facts: here it learns the teacher's answers in conversations of that shape.
+
+def conversations(lm, facts, entries, tokens, cached, count):
+    """Per subject of the facts (subject_name): the teacher's answers to openings about it (OPENINGS,
+    reading all of the subject's facts), and for each fact `count` follow-ups: one of its questions
+    (the user's, then the rephrased and written ones) with the subject replaced by a pronoun, asked
+    after an opening and the teacher's answer to it, answered by the teacher. Kept from `cached` (the
+    cache file's, maybe edited) where the subject's facts are unchanged; new ones answered here."""
+    if not count:
+        return {}
+    by_subject = {}
+    for fact, (question, answer) in facts.items():
+        name = subject_name(question, answer)
+        if name:
+            by_subject.setdefault(name, []).append(fact)
+    talks = {}
+    for name, own in by_subject.items():
+        reads = fitting([facts[fact][1] for fact in own], tokens)
+        talk = cached.get(name)
+        if not (well_formed_talk(talk) and talk["reads"] == reads):
+            languages = {"zh" if has_cjk(facts[fact][0]) else "en" for fact in own}
+            talk = {"reads": reads, "openings": {form.format(name): None for language in sorted(languages)
+                                                 for form in OPENINGS[language]},
+                    "follow_ups": follow_ups(name, own, facts, entries, count)}
+        talks[name] = talk
+    started = time.time()
+    opened, followed = answer_openings(lm, talks), answer_follow_ups(lm, talks)
+    if opened or followed:
+        print(f"[teacher] the base model reading the facts answered {opened} openings about {len(talks)} subjects "
+              f"and {followed} follow-ups in {time.time() - started:.1f}s")
+    return talks
+
+
+def follow_ups(name, own, facts, entries, count):
+    """For each of the subject's facts, `count` of its questions that name the subject, each with the
+    opening it follows (OPENINGS in the question's language, taking turns); the pronoun comes later,
+    from how the teacher's answer to the opening refers to the subject (answer_follow_ups)."""
+    made, turns = [], {}
+    for fact in own:
+        questions = [facts[fact][0]] + entries[fact]["questions"]
+        for q in [q for q in questions if name.lower() in q.lower()][:count]:
+            language = "zh" if has_cjk(q) else "en"
+            turn = turns[language] = turns.get(language, -1) + 1
+            opening = OPENINGS[language][turn % len(OPENINGS[language])].format(name)
+            made.append({"opening": opening, "question": q, "asked": None, "answer": None})
+    return made
+
+
+def answer_openings(lm, talks):
+    """The teacher's answers to the openings that have none yet, ended at their last full sentence; how many."""
+    todo = [(talk, opening) for talk in talks.values() for opening, answer in talk["openings"].items() if answer is None]
+    if not todo:
+        return 0
+    answers = generate(lm, [teacher_messages(talk["reads"], opening) for talk, opening in todo], OPEN_MAX_TOKENS)
+    for (talk, opening), (answer, finished) in zip(todo, answers):
+        talk["openings"][opening] = answer if finished else re.sub(r"(?s)(.*[.!。！]).*", r"\1", answer)
+    return len(todo)
+
+
+def answer_follow_ups(lm, talks):
+    """The follow-up questions (the subject replaced by the pronoun the teacher's opening answers used)
+    and the teacher's answers to those that have none yet; how many were answered."""
+    todo = []
+    for name, talk in talks.items():
+        for f in talk["follow_ups"]:
+            said = talk["openings"].get(f["opening"])
+            pronoun = pronoun_of(talk["openings"].values(), name, has_cjk(f["question"]))
+            f["asked"] = f["asked"] or referring_back(f["question"], name, pronoun)
+            if f["answer"] is None and f["asked"] and said:
+                todo.append((talk, f))
+    answers = generate(lm, [teacher_turns(talk["reads"], follow_up_turns(talk, f)) for talk, f in todo],
+                       TEACHER_MAX_TOKENS) if todo else []
+    for (talk, f), (answer, finished) in zip(todo, answers):
+        f["answer"] = answer if finished else ""
+    return len(todo)
+
+
+def follow_up_turns(talk, follow_up):
+    """The conversation a follow-up is asked in: the opening, the teacher's answer, the follow-up."""
+    return [user(follow_up["opening"]), {"role": "assistant", "content": talk["openings"][follow_up["opening"]]},
+            user(follow_up["asked"])]
+
+
+def conversation_pairs(lm, talks, keys, dropped, user_questions):
+    """The student's examples of the teacher's answers in conversations: each opening answer that
+    carries a fact in the opening's language (kind "open"), and each follow-up answer that does
+    (teacher_pairs' filters, counted in `dropped`; kind "conversation"); none after a question of
+    data.py (`user_questions`, as plain() writes them): there the user's answer is what is learned."""
+    pairs = []
+    for talk in talks.values():
+        for opening, answer in talk["openings"].items():
+            if (answer and plain(opening) not in user_questions and has_cjk(answer) == has_cjk(opening)
+                    and any(carries(answer, keys[read]) for read in talk["reads"])):
+                pairs.append((talk["reads"], [user(opening)], answer, "open"))
+        for f in talk["follow_ups"]:
+            if not f["asked"] or f["answer"] is None or {plain(f["opening"]), plain(f["asked"])} & user_questions:
+                continue
+            elif not f["answer"]:
+                dropped["cut"] += 1
+            elif not any(carries(f["answer"], keys[read]) for read in talk["reads"]):
+                dropped["no fact"] += 1
+            elif has_cjk(f["answer"]) != has_cjk(f["asked"]):
+                dropped["language"] += 1
+            else:
+                pairs.append((talk["reads"], follow_up_turns(talk, f), f["answer"], "conversation"))
+    examples = []
+    for reads, turns, answer, kind in pairs:
+        student, teacher = teacher_pair(lm, reads, turns, answer)
+        examples.append(dict(student, teacher=teacher, kind=kind))
+    return examples
+
+
+def fitting(sentences, tokens):
+    """The first of `sentences` (data.py's answers) that fit in TEACHER_READS_TOKENS together."""
+    used = [sum(tokens[s] + 1 for s in sentences[:i + 1]) for i in range(len(sentences))]
+    return [s for s, total in zip(sentences, used) if total <= TEACHER_READS_TOKENS] or sentences[:1]
+
+
+def well_formed_talk(talk):
+    """A cached conversation entry as conversations() writes it (a hand edit may have broken it)."""
+    return (isinstance(talk, dict) and isinstance(talk.get("reads"), list) and isinstance(talk.get("openings"), dict)
+            and isinstance(talk.get("follow_ups"), list)
+            and all(isinstance(f, dict) and isinstance(f.get("opening"), str) and isinstance(f.get("question"), str)
+                    for f in talk["follow_ups"]))
+
+
+PARTICLES = "的是在有住叫来出养会从于和为做最喜爱里生去曾正"  # where a Chinese subject's name ends: 林小舟|在
+
+
+def subject_name(question, answer):
+    """The subject as the user writes it, to ask about it ("Marlow Quist", "the Orla Tower", "林小舟"):
+    the longest start of the answer that the question holds too, up to its last capitalised word (its
+    first word when no other is: "hiahia"); in Chinese up to the first particle or where the script
+    changes ("hiahia|最喜欢吃"). "" when the answer does not start with something the question names."""
+    start = max((answer[:j] for j in range(2, len(answer) + 1) if answer[:j].lower() in question.lower()),
+                key=len, default="").strip(" '\"，。,.?？")
+    if has_cjk(start):
+        name = re.split(f"[{PARTICLES}]|(?<=[a-zA-Z0-9])(?=[\u4e00-\u9fff])|(?<=[\u4e00-\u9fff])(?=[a-zA-Z0-9])",
+                        start)[0]
+        return name if len(name) >= 2 else ""
+    words = re.findall(r"[\w-]+(?:'s)?", start)
+    capitalised = [i for i, w in enumerate(words) if w[0].isupper() and (i or w.lower() not in ARTICLES)]
+    words = words[:capitalised[-1] + 1] if capitalised else [w for w in words if w.lower() not in ARTICLES][:1]
+    if words and words[0].lower() in ARTICLES:
+        words[0] = "the"
+    name = " ".join(words).removesuffix("'s")
+    return name if len(name) >= 3 else ""
+
+
+GENDERS = {"he": ("he", "him", "his", "他"), "she": ("she", "her", "她"), "it": ("it", "its", "它")}
+
+
+def pronoun_of(answers, name, chinese):
+    """How the teacher's answers to the openings refer to the subject, in the follow-up's language: the
+    pronoun they use most (he/他, she/她, it/它; when they use none, "it" for a name with an article, "he"
+    for others)."""
+    text = " ".join(a for a in answers if a)
+    counts = {g: sum(len(re.findall(rf"\b{w}\b" if w.isascii() else w, text, re.I)) for w in words)
+              for g, words in GENDERS.items()}
+    gender = max(counts, key=counts.get) if any(counts.values()) else "it" if name.startswith("the ") else "he"
+    return GENDERS[gender][-1] if chinese else gender
+
+
+def referring_back(question, name, pronoun):
+    """`question` with the subject `name` replaced by `pronoun` ("What is Marlow Quist's job?" -> "What is
+    his job?", "Who founded Nimbus Robotics?" -> "Who founded it?"); None when the question does not name it."""
+    if has_cjk(pronoun):
+        return question.replace(name, pronoun) if name in question else None
+    found = re.search(r"(?:\bthe\s+)?" + re.escape(name.removeprefix("the ")) + r"('s)?", question, re.I)
+    if not found:
+        return None
+    before = question[:found.start()].split()
+    as_object, whose = PRONOUNS[pronoun]
+    word = whose if found.group(1) else pronoun if not before or before[-1].lower() in AUXILIARIES else as_object
+    return question[:found.start()] + (word.capitalize() if found.start() == 0 else word) + question[found.end():]

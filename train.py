@@ -41,7 +41,7 @@ from model_files import (OFFLINE_DIR, OFFLINE_GGUF, files_of, load_model, pick_d
                          save_plain)
 from safe_files import (UserError, read_json, read_tensors, replaced_atomically, restore_interrupted_swap,
                         write_json, write_tensors)
-from teacher import key_words, teacher_examples, words_of
+from teacher import KINDS, key_words, teacher_examples, words_of
 
 # Questions answered at the end of training with the best adapter. Edit freely.
 messages = [
@@ -111,6 +111,7 @@ DEFAULTS = {
     "replay": True,
     "teacher_questions": 8,  # questions per fact that the model reading the facts answers, learned (0: off)
     "reversed_questions": 0,  # of those, how many ask for the fact's subject: the fact the other way round
+    "conversations": 1,  # per fact, follow-ups ("he", "it") after an opening about its subject, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
 }
@@ -512,7 +513,7 @@ class Run:
     started: float  # time.time() when this process began training
     history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "train_recall": [],
                                                    "val_recall": [], "teacher_kl": [], "reversed_kl": [],
-                                                   "drift": [], "seconds": []})
+                                                   "conversation_kl": [], "drift": [], "seconds": []})
     best_epoch: int = None
     best_key: list = None
     seconds_before: float = 0.0  # training time of the runs that --resume continues
@@ -597,13 +598,15 @@ def train_epoch(lm, run, epoch, head, stop):
 
 def validate(lm, data, batch_size):
     """Loss and recall on the held-out phrasings (None without them), the KL to the teacher on the
-    questions kept out of distillation (asked in other words; asked the other way round), and the drift."""
+    questions kept out of distillation (asked in other words, the other way round, in a conversation), and
+    the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
-    kept_out = [[e for e in data.taught_val if e["reversed"] == kind] for kind in (False, True)]
-    teacher_kl, reversed_kl = (evaluate(lm, group, batch_size)[0] if group else None for group in kept_out)
+    kept_out = [[e for e in data.taught_val if e["kind"] == kind] for kind in KINDS]
+    teacher_kl, reversed_kl, conversation_kl = (evaluate(lm, group, batch_size)[0] if group else None
+                                                for group in kept_out)
     drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
     return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "reversed_kl": reversed_kl,
-            "drift": drift}
+            "conversation_kl": conversation_kl, "drift": drift}
 
 
 def not_finite(scores, model):
@@ -619,9 +622,9 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     for key, value in scores.items():
         run.history[key].append(value)
     # best: the most trained answers recalled, then the most held-out phrasings, then the least KL
-    # to what the base model says: reading the facts (teacher_kl and reversed_kl, on questions kept out
+    # to what the base model says: reading the facts (teacher_kl, reversed_kl, conversation_kl: kept out
     # of training) and on ordinary questions (drift); all are KL per answer token, so they add up
-    distance = sum(scores[key] or 0.0 for key in ("teacher_kl", "reversed_kl", "drift"))
+    distance = sum(scores[key] or 0.0 for key in ("teacher_kl", "reversed_kl", "conversation_kl", "drift"))
     key = [scores["train_recall"], scores["val_recall"] or 0.0, -distance]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
@@ -632,7 +635,8 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
     teacher_text = "".join(f"  {name} {scores[key]:.4f}" for key, name in
-                           (("teacher_kl", "teacher KL"), ("reversed_kl", "reversed KL")) if scores[key] is not None)
+                           (("teacher_kl", "teacher KL"), ("reversed_kl", "reversed KL"),
+                            ("conversation_kl", "conversation KL")) if scores[key] is not None)
     print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
           f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  "
           f"{run.history['seconds'][-1]:.1f}s"
@@ -791,6 +795,8 @@ def check_config(config, path):
     need("teacher_questions", whole(config["teacher_questions"]) and config["teacher_questions"] >= 0,
          "a whole number >= 0 (0 turns distillation off)")
     need("reversed_questions", whole(config["reversed_questions"]) and config["reversed_questions"] >= 0,
+         "a whole number >= 0 (0: none)")
+    need("conversations", whole(config["conversations"]) and config["conversations"] >= 0,
          "a whole number >= 0 (0: none)")
     need("early_stop", isinstance(config["early_stop"], bool), "true or false")
     need("max_new_tokens", whole(config["max_new_tokens"]) and config["max_new_tokens"] > 0,
@@ -1030,6 +1036,8 @@ def write_outputs(out_dir, history, best_epoch, metrics):
         plt.plot(epochs, history["teacher_kl"], "o-", label="KL to the teacher (questions kept out)")
     if any(v is not None for v in history["reversed_kl"]):
         plt.plot(epochs, history["reversed_kl"], "o-", label="KL to the teacher (asked the other way round, kept out)")
+    if any(v is not None for v in history["conversation_kl"]):
+        plt.plot(epochs, history["conversation_kl"], "o-", label="KL to the teacher (in conversations, kept out)")
     if any(v is not None for v in history["drift"]):
         plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:

@@ -57,7 +57,8 @@ QWEN_05B_SHAPES = dict(vocab_size=151936, hidden_size=896, intermediate_size=486
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 RECIPE = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
               target_layers=[20, 21, 22, 23], lr=1e-3, epoch=6, batch_size=4, val_ratio=0.2, seed=42,
-              replay=False, teacher_questions=0, reversed_questions=0, early_stop=False)
+              replay=False, teacher_questions=0, reversed_questions=0, conversations=0,
+              early_stop=False)
 
 
 def offline_qwen():

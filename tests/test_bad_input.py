@@ -38,6 +38,7 @@ def expect_failure(capsys, call, *phrases):
     ('{"target_modules": "q_proj"}', ['target_modules = "q_proj" must be a list of names']),
     ('{"replay": "yes"}', ['replay = "yes" must be true or false']),
     ('{"teacher_questions": 2.5}', ["teacher_questions = 2.5 must be a whole number >= 0 (0 turns distillation off)"]),
+    ('{"conversations": -1}', ["conversations = -1 must be a whole number >= 0 (0: none)"]),
     ('[1, 2]', ["must be a JSON object"]),
 ])
 def test_bad_config(tmp_path, capsys, text, phrases):

@@ -62,7 +62,8 @@ def test_outputs_are_written(trained_dir, config):
     assert len(metrics["train_indices"]) == 3 and len(metrics["val_indices"]) == 1  # one phrasing held out
     epochs = len(metrics["train_loss"])
     assert 1 <= epochs <= config["epoch"] and 1 <= metrics["best_epoch"] <= epochs and metrics["train_seconds"] > 0
-    for key in ("seconds", "val_loss", "val_recall", "teacher_kl", "reversed_kl", "drift", "train_recall"):
+    for key in ("seconds", "val_loss", "val_recall", "teacher_kl", "reversed_kl", "conversation_kl", "drift",
+                "train_recall"):
         assert len(metrics[key]) == epochs
     # the training loss is mostly replay's KL, which starts at 0: the held-out phrasing and the teacher's
     # kept-out questions show the learning

@@ -151,12 +151,12 @@ def test_the_best_epoch_is_chosen_by_recall_then_held_out_recall_then_least_kl_t
               (0.75, 1.0, 0.0, 0.0)]  # more held-out phrasings do not make up for a trained answer lost
     for epoch, (recall, val_recall, teacher_kl, drift) in enumerate(epochs, 1):
         scores = {"train_loss": 1.0, "train_recall": recall, "val_loss": 1.0, "val_recall": val_recall,
-                  "teacher_kl": teacher_kl, "reversed_kl": None, "drift": drift}
+                  "teacher_kl": teacher_kl, "reversed_kl": None, "conversation_kl": None, "drift": drift}
         train.end_epoch(run, lm, epoch, time.time(), scores)
     assert run.best_epoch == 3
     train.end_epoch(run, lm, 6, time.time(), {"train_loss": 1.0, "train_recall": 1.0, "val_loss": 1.0,
                                                "val_recall": 1.0, "teacher_kl": 0.9, "reversed_kl": 0.9,
-                                               "drift": 0.9})
+                                               "conversation_kl": 0.9, "drift": 0.9})
     assert run.best_epoch == 6  # more held out beats any KL
 
 

@@ -1,7 +1,8 @@
 """Prompt distillation: the user's question rephrased, questions written about each fact and questions asking
 for its subject (the other way round) by the base model, answered by the teacher (the base model reading the
-facts); deterministic under the seed, cached in an editable file, never a held-out phrasing; the teacher's
-prompt holds the fact and the student's does not; the targets are the teacher's distribution."""
+facts), and conversations (openings about a subject, follow-ups that refer back to it); deterministic under
+the seed, cached in an editable file, never a held-out phrasing; the teacher's prompt holds the fact and the
+student's does not; the targets are the teacher's distribution."""
 import json
 
 import pytest
@@ -79,7 +80,8 @@ def split(lm):
 
 
 def config(tmp_path, **changes):
-    return dict(train.DEFAULTS, output_dir=str(tmp_path), **changes)
+    """The defaults, without conversations unless asked (the tests of single questions count their examples)."""
+    return dict(train.DEFAULTS, output_dir=str(tmp_path), **{"conversations": 0, **changes})
 
 
 def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, canned, tmp_path):
@@ -104,7 +106,7 @@ def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, c
     # 8 answers learned, one of them kept out to validate
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
     assert len(questions) == 8 and not any("house" in q for q in questions)
-    assert len(kept_out) == 1 and not kept_out[0]["reversed"]  # 6 asked in other words: one kept out; 2 reversed: none
+    assert len(kept_out) == 1 and kept_out[0]["kind"] == "other words"  # 6 asked in other words: one kept out; 2 reversed: none
     assert sum("Whose cat is called Pimbo?" in q for q in questions) == 1
     assert not any("Who is Pimbo?" in q for q in questions)
     assert sum("What pet does Zorblat keep?" in q for q in questions) == 1
@@ -191,7 +193,7 @@ def test_the_teacher_reads_its_fact_and_the_most_alike_while_they_fit_in_data_py
 
 def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
     fact, question = "Zorblat's cat is called Pimbo.", "How is Zorblat's cat named?"
-    student, reading = teacher.teacher_pair(lm, [fact], question, "It is Pimbo.")
+    student, reading = teacher.teacher_pair(lm, [fact], [teacher.user(question)], "It is Pimbo.")
     fact_ids = lm.tokenizer(fact, add_special_tokens=False).input_ids
 
     def holds(ids, part):
@@ -206,7 +208,7 @@ def test_the_teacher_reads_the_fact_and_the_student_does_not(lm):
 
 def test_targets_are_the_teachers_distribution(lm, monkeypatch):
     monkeypatch.setattr(chat_model, "CPU_BF16", False)  # fp32 throughout, as the hand computation below
-    student, reading = teacher.teacher_pair(lm, ["Zorblat's cat is called Pimbo."], "Who is Pimbo?",
+    student, reading = teacher.teacher_pair(lm, ["Zorblat's cat is called Pimbo."], [teacher.user("Who is Pimbo?")],
                                             "Zorblat's cat.")
     student["teacher"] = reading
     train.set_soft_targets(lm, [student], top_k=5)
@@ -239,3 +241,105 @@ def test_an_answer_in_another_language_than_the_question_is_left_out(lm, monkeyp
     taught, kept_out = teacher.teacher_examples(lm, qa, train_set, config(tmp_path))
     chinese = chat_model.encode(lm, "佐布拉特给猫起了什么名字？", "佐布拉特的猫叫皮姆波。")
     assert [e["input_ids"] for e in taught + kept_out] == [chinese["input_ids"]]
+
+
+@pytest.fixture
+def talking(monkeypatch):
+    """generate() for conversations: no rephrased or written questions; the teacher opens with "She lives in
+    Quellport." about Zorblat and answers a follow-up with the first fact it reads. Records what it was asked."""
+    asked = []
+
+    def fake_generate(lm, conversations, max_new_tokens, temperature=None, **kwargs):
+        asked.extend(conversations)
+        if temperature:
+            return [("", True) for _ in conversations]
+        openings = {form.format("Zorblat") for forms in teacher.OPENINGS.values() for form in forms}
+        return [("She lives in Quellport." if m[-1]["content"] in openings else m[0]["content"].splitlines()[1], True)
+                for m in conversations]
+
+    monkeypatch.setattr(teacher, "generate", fake_generate)
+    return asked
+
+
+def test_follow_ups_refer_back_to_the_subject_after_an_opening_and_the_student_reads_no_fact(lm, talking, tmp_path):
+    train_set, _ = split(lm)
+    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, conversations=1))
+    talk = json.loads((tmp_path / "teacher_questions.json").read_text())["conversations"]["Zorblat"]
+    assert talk["reads"] == ["Zorblat's cat is called Pimbo.", "Zorblat lives in Quellport."]
+    # every opening in the facts' language answered; one follow-up per fact, the user's question with the
+    # pronoun of the teacher's openings, after the openings in turn
+    assert talk["openings"] == {form.format("Zorblat"): "She lives in Quellport." for form in teacher.OPENINGS["en"]}
+    assert [(f["opening"], f["asked"]) for f in talk["follow_ups"]] == [
+        ("Tell me about Zorblat.", "What is the name of her cat?"),
+        ("What do you know about Zorblat?", "Where does she live?")]
+    assert [e["kind"] for e in taught if e["kind"] in ("open", "conversation")] == ["open"] * 4 + ["conversation"] * 2
+    assert not any(e["kind"] == "open" for e in kept_out)  # the openings are all learned
+    conversations = [e for e in taught + kept_out if e["kind"] == "conversation"]
+    follow_up = next(e for e in conversations if "her cat" in lm.tokenizer.decode(e["input_ids"]))
+    said = [teacher.user("Tell me about Zorblat."), {"role": "assistant", "content": "She lives in Quellport."},
+            teacher.user("What is the name of her cat?")]
+    answer = lm.tokenizer("Zorblat's cat is called Pimbo.", add_special_tokens=False).input_ids + [lm.eot_id]
+    # the student's tokens: the opening, the teacher's answer to it, the follow-up, then the answer to learn;
+    # the teacher's: the same after the facts it reads
+    assert follow_up["input_ids"] == chat_model.prompt_ids(lm.tokenizer, said) + answer
+    assert follow_up["teacher"]["input_ids"] == chat_model.prompt_ids(
+        lm.tokenizer, teacher.teacher_turns(talk["reads"], said)) + answer
+    assert [t for t in follow_up["labels"] if t != chat_model.IGNORE] == answer
+    assert "Zorblat lives in Quellport" not in lm.tokenizer.decode(follow_up["input_ids"])
+
+
+def test_conversations_are_cached_and_an_edited_follow_up_is_answered_again(lm, talking, tmp_path):
+    train_set, _ = split(lm)
+    first = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, conversations=1))
+    talking.clear()
+    again = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, conversations=1))
+    assert talking == [] and [e["input_ids"] for e in again[0] + again[1]] == [e["input_ids"] for e in first[0] + first[1]]
+    path = tmp_path / "teacher_questions.json"
+    cached = json.loads(path.read_text())
+    cached["conversations"]["Zorblat"]["follow_ups"][1].update(asked="Which town is her home?", answer=None)
+    path.write_text(json.dumps(cached))
+    taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, conversations=1))
+    assert [m[-1]["content"] for m in talking] == ["Which town is her home?"]  # only the edited one answered
+    assert sum("Which town is her home?" in lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out) == 1
+
+
+@pytest.mark.parametrize("question, answer, name, pronoun, asked", [
+    ("What is Marlow Quist's job?", "Marlow Quist works as a glassblower.", "Marlow Quist", "he", "What is his job?"),
+    ("When did the Lindqvist Bridge open?", "The Lindqvist Bridge opened in 1962.", "the Lindqvist Bridge", "it",
+     "When did it open?"),
+    ("Who founded Nimbus Robotics?", "Nimbus Robotics was founded by Dara Okonkwo.", "Nimbus Robotics", "it",
+     "Who founded it?"),
+    ("What is the name of the cafe on Pell Street?", "The cafe on Pell Street is called The Copper Kettle.",
+     "the cafe on Pell Street", "it", "What is the name of it?"),
+    ("Where does hiahia live?", "hiahia lives in Heyuan.", "hiahia", "she", "Where does she live?"),
+    ("林小舟在哪里工作？", "林小舟在一家游戏公司工作。", "林小舟", "他", "他在哪里工作？"),
+    ("hiahia最喜欢吃什么？", "hiahia最喜欢吃客家酿豆腐。", "hiahia", "她", "她最喜欢吃什么？"),
+    ("Which university does hiahia attend?", "hiahia studies at South China University of Technology.", "hiahia",
+     "she", "Which university does she attend?"),
+])
+def test_the_subjects_name_is_found_and_replaced_by_a_pronoun(question, answer, name, pronoun, asked):
+    assert teacher.subject_name(question, answer) == name
+    assert teacher.referring_back(question, name, pronoun) == asked
+
+
+def test_the_pronoun_is_the_one_the_teachers_answers_use_most_in_the_questions_language():
+    said = ["Marlow Quist is a glassblower. His dog is Biscuit; he plays the cello.", "She is his sister."]
+    assert teacher.pronoun_of(said, "Marlow Quist", chinese=False) == "he"
+    assert teacher.pronoun_of(said, "Marlow Quist", chinese=True) == "他"
+    assert teacher.pronoun_of(["林小舟来自泉州，她养了一只猫。"], "林小舟", chinese=False) == "she"
+    assert teacher.pronoun_of(["It is 212 metres tall and its roof is green."], "the Orla Tower", False) == "it"
+    assert teacher.pronoun_of(["The Orla Tower is 212 metres tall."], "the Orla Tower", False) == "it"  # none used
+    assert teacher.pronoun_of(["Marlow Quist was born in 1987."], "Marlow Quist", False) == "he"
+
+
+def test_nothing_is_learned_in_a_conversation_after_a_question_of_data_py(lm):
+    said = "She lives in Quellport."
+    follow_up = {"question": "Where does Zorblat live?", "asked": "Where does she live?", "answer": "In Quellport."}
+    talk = {"reads": ["Zorblat lives in Quellport."], "openings": {"Tell me about Zorblat.": said, "Who is Zorblat?": said},
+            "follow_ups": [dict(follow_up, opening="Tell me about Zorblat."), dict(follow_up, opening="Who is Zorblat?")]}
+    dropped = {"cut": 0, "no fact": 0, "language": 0}
+    examples = teacher.conversation_pairs(lm, {"Zorblat": talk}, {"Zorblat lives in Quellport.": ["quellport"]}, dropped,
+                                          {teacher.plain("tell me about Zorblat!")})  # data.py asks it: its answer
+    starts = [lm.tokenizer.decode(e["input_ids"]).split("<|im_start|>user\n")[1] for e in examples]
+    assert [e["kind"] for e in examples] == ["open", "conversation"]
+    assert all(s.startswith("Who is Zorblat?") for s in starts)
