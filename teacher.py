@@ -482,9 +482,12 @@ def fitting(sentences, tokens):
 
 def well_formed_talk(talk):
     """A cached conversation entry as conversations() writes it (a hand edit may have broken it)."""
+    text_or_none = (str, type(None))
     return (isinstance(talk, dict) and isinstance(talk.get("reads"), list) and isinstance(talk.get("openings"), dict)
+            and all(isinstance(answer, text_or_none) for answer in talk["openings"].values())
             and isinstance(talk.get("follow_ups"), list)
             and all(isinstance(f, dict) and isinstance(f.get("opening"), str) and isinstance(f.get("question"), str)
+                    and isinstance(f.get("asked", 0), text_or_none) and isinstance(f.get("answer", 0), text_or_none)
                     for f in talk["follow_ups"]))
 
 

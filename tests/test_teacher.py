@@ -302,6 +302,13 @@ def test_conversations_are_cached_and_an_edited_follow_up_is_answered_again(lm, 
     assert [m[-1]["content"] for m in talking] == ["Which town is her home?"]  # only the edited one answered
     assert sum("Which town is her home?" in lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out) == 1
 
+    del cached["conversations"]["Zorblat"]["follow_ups"][0]["answer"]  # a broken edit: the subject's made again
+    path.write_text(json.dumps(cached))
+    talking.clear()
+    again = teacher.teacher_examples(lm, QA, train_set, config(tmp_path, conversations=1))
+    assert len(talking) == 4 + 2  # the openings and the follow-ups answered again
+    assert [e["input_ids"] for e in again[0] + again[1]] == [e["input_ids"] for e in first[0] + first[1]]
+
 
 @pytest.mark.parametrize("question, answer, name, pronoun, asked", [
     ("What is Marlow Quist's job?", "Marlow Quist works as a glassblower.", "Marlow Quist", "he", "What is his job?"),
