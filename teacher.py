@@ -10,6 +10,7 @@ alone) with the teacher's (the facts, then the same) beside it, whose distributi
 targets take. All of it is cached in output/teacher_questions.json,
 which the user may read and edit. Needs lm (tokens, generate) and safe_files (the JSON cache).
 """
+import itertools
 import math
 import os
 import random
@@ -88,9 +89,10 @@ def teacher_examples(lm, qa_data, train_set, config):
         facts.setdefault(e["fact"], (question_of(qa_data[e["index"]]), qa_data[e["index"]]["output"]))
     keys = {facts[fact][1]: key_words(*facts[fact]) for fact in facts}  # by the sentence a teacher reads
     entries = {fact: entries[fact] if well_formed(entries.get(fact)) else None for fact in facts}
+    user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never asked again
     new = [fact for fact in facts if entries[fact] is None]
     if new:
-        entries.update(new_questions(lm, qa_data, {fact: facts[fact] for fact in new}, keys, config))
+        entries.update(new_questions(lm, {fact: facts[fact] for fact in new}, keys, user_questions, config))
     tokens = {sentence: len(lm.tokenizer(sentence).input_ids) for sentence in keys}  # once, not once per fact
     for fact, entry in entries.items():
         reads = teacher_reading(facts[fact][1], tokens)
@@ -101,21 +103,21 @@ def teacher_examples(lm, qa_data, train_set, config):
     write_json(path, {**made_for, "facts": entries, "conversations": talks})
     subjects = {fact: subject_of(*facts[fact]) for fact in facts}
     students, dropped = teacher_pairs(lm, entries, keys, subjects)
-    students += conversation_pairs(lm, talks, keys, dropped, {plain(question_of(item)) for item in qa_data})
+    students += conversation_pairs(lm, talks, keys, dropped, user_questions)
     rng, kept_out = random.Random(config["seed"]), set()
     for kind in KINDS:  # a few of each kind
         group = [i for i, e in enumerate(students) if e["kind"] == kind]
         # a fifth, 8 at most; one of 3 or 4 (a one-fact data.py: len // 5 kept none, nothing validated)
         kept_out.update(rng.sample(group, min(round(len(group) / 5), 8)))
     print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
-          f"left out: {dropped['cut']} cut at {TEACHER_MAX_TOKENS} tokens, {dropped['no fact']} carrying no fact, "
+          f"left out: {dropped['cut']} cut at the token limit, {dropped['no fact']} carrying no fact, "
           f"{dropped['language']} in another language, {dropped['no subject']} asked the other way round "
           f"without naming the subject; in {path}")
     return ([e for i, e in enumerate(students) if i not in kept_out],
             [e for i, e in enumerate(students) if i in kept_out])
 
 
-def new_questions(lm, qa_data, facts, keys, config):
+def new_questions(lm, facts, keys, user_questions, config):
     """Cache entries for `facts` (fact -> its question and answer): `teacher_questions` at most that
     pass the filters, none answered yet: `reversed_questions` of them at most ask for the fact's subject
     (kept apart, under "reversed"), the others are rephrased and written ones. Rephrasings come first:
@@ -124,7 +126,6 @@ def new_questions(lm, qa_data, facts, keys, config):
     print(f"[teacher] the base model rephrases the questions of {len(facts)} facts and writes more "
           f"about them")
     started = time.time()
-    user_questions = {plain(question_of(item)) for item in qa_data}  # trained or held out: never again
     count, seed = config["teacher_questions"], config["seed"]
     reverse = min(config["reversed_questions"], count)  # sampled twice as many: about half pass
     asked_back = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)
@@ -184,22 +185,29 @@ def teacher_pairs(lm, entries, keys, subjects):
     for fact, entry in entries.items():
         for q in asked(entry):
             answer = entry["answers"][q]
-            # a question written about one fact may be answered by another the teacher reads: kept too.
-            # Not an answer in another language than the question's: with a fact written in Chinese and
-            # in English, the teacher answered Chinese questions in English, and the student learned that
-            if not answer:
-                dropped["cut"] += 1
-            elif not any(carries(answer, keys[read]) for read in entry["reads"]):
-                dropped["no fact"] += 1
-            elif has_cjk(answer) != has_cjk(q):
-                dropped["language"] += 1
-            elif q in entry.get("reversed", []) and subjects[fact] not in answer.lower():
-                dropped["no subject"] += 1
+            why = left_out(answer, q, entry["reads"], keys)
+            if not why and q in entry.get("reversed", []) and subjects[fact] not in answer.lower():
+                why = "no subject"
+            if why:
+                dropped[why] += 1
             else:
                 student, teacher = teacher_pair(lm, entry["reads"], [user(q)], answer)
                 kind = "reversed" if q in entry.get("reversed", []) else "other words"
                 students.append(dict(student, fact=fact, teacher=teacher, kind=kind))
     return students, dropped
+
+
+def left_out(answer, question, reads, keys):
+    """Why the teacher's `answer` to `question`, reading the facts `reads`, is not learned ("cut": none,
+    "no fact": it carries none it read, "language": another than the question's), or None. A question
+    written about one fact may be answered by another the teacher reads: kept too. With a fact written
+    in Chinese and in English, the teacher answered Chinese questions in English, and the student
+    learned that."""
+    if not answer:
+        return "cut"
+    if not any(carries(answer, keys[read]) for read in reads):
+        return "no fact"
+    return "language" if has_cjk(answer) != has_cjk(question) else None
 
 
 def teacher_reading(fact, tokens):
@@ -426,10 +434,10 @@ def answer_follow_ups(lm, talks):
     and the teacher's answers to those that have none yet; how many were answered."""
     todo = []
     for name, talk in talks.items():
+        pronouns = {chinese: pronoun_of(talk["openings"].values(), name, chinese) for chinese in (False, True)}
         for f in talk["follow_ups"]:
             said = talk["openings"].get(f["opening"])
-            pronoun = pronoun_of(talk["openings"].values(), name, has_cjk(f["question"]))
-            f["asked"] = f["asked"] or referring_back(f["question"], name, pronoun)
+            f["asked"] = f["asked"] or referring_back(f["question"], name, pronouns[has_cjk(f["question"])])
             if f["answer"] is None and f["asked"] and said:
                 todo.append((talk, f))
     answers = generate(lm, [teacher_turns(talk["reads"], follow_up_turns(talk, f)) for talk, f in todo],
@@ -446,37 +454,31 @@ def follow_up_turns(talk, follow_up):
 
 
 def conversation_pairs(lm, talks, keys, dropped, user_questions):
-    """The student's examples of the teacher's answers in conversations: each opening answer that
-    carries a fact in the opening's language (kind "open"), and each follow-up answer that does
-    (teacher_pairs' filters, counted in `dropped`; kind "conversation"); none after a question of
-    data.py (`user_questions`, as plain() writes them): there the user's answer is what is learned."""
-    pairs = []
-    for talk in talks.values():
-        for opening, answer in talk["openings"].items():
-            if (answer and plain(opening) not in user_questions and has_cjk(answer) == has_cjk(opening)
-                    and any(carries(answer, keys[read]) for read in talk["reads"])):
-                pairs.append((talk["reads"], [user(opening)], answer, "open"))
-        for f in talk["follow_ups"]:
-            if not f["asked"] or f["answer"] is None or {plain(f["opening"]), plain(f["asked"])} & user_questions:
-                continue
-            elif not f["answer"]:
-                dropped["cut"] += 1
-            elif not any(carries(f["answer"], keys[read]) for read in talk["reads"]):
-                dropped["no fact"] += 1
-            elif has_cjk(f["answer"]) != has_cjk(f["asked"]):
-                dropped["language"] += 1
-            else:
-                pairs.append((talk["reads"], follow_up_turns(talk, f), f["answer"], "conversation"))
+    """The student's examples of the teacher's answers in conversations: to the openings (kind "open")
+    and to the follow-ups (kind "conversation"), those left_out() keeps (the others counted in `dropped`);
+    none after a question of data.py (`user_questions`, as plain() writes them): there the user's answer
+    is what is learned."""
     examples = []
-    for reads, turns, answer, kind in pairs:
-        student, teacher = teacher_pair(lm, reads, turns, answer)
-        examples.append(dict(student, teacher=teacher, kind=kind))
+    for talk in talks.values():
+        asked_in = ([([user(opening)], answer, "open") for opening, answer in talk["openings"].items()
+                     if answer is not None]
+                    + [(follow_up_turns(talk, f), f["answer"], "conversation") for f in talk["follow_ups"]
+                       if f["asked"] and f["answer"] is not None])
+        for turns, answer, kind in asked_in:
+            if {plain(turn["content"]) for turn in turns if turn["role"] == "user"} & user_questions:
+                continue
+            why = left_out(answer, turns[-1]["content"], talk["reads"], keys)
+            if why:
+                dropped[why] += 1
+            else:
+                student, teacher = teacher_pair(lm, talk["reads"], turns, answer)
+                examples.append(dict(student, teacher=teacher, kind=kind))
     return examples
 
 
 def fitting(sentences, tokens):
     """The first of `sentences` (data.py's answers) that fit in TEACHER_READS_TOKENS together."""
-    used = [sum(tokens[s] + 1 for s in sentences[:i + 1]) for i in range(len(sentences))]
+    used = itertools.accumulate(tokens[s] + 1 for s in sentences)
     return [s for s, total in zip(sentences, used) if total <= TEACHER_READS_TOKENS] or sentences[:1]
 
 

@@ -41,6 +41,7 @@ import model_files  # noqa: E402
 import teacher  # noqa: E402
 import train  # noqa: E402
 from conftest import copy_code  # noqa: E402
+from teacher import user  # noqa: E402
 from fact_sets import ASKED_OTHERWISE, FACT_SETS, NOT_KNOWN, ORDINARY  # noqa: E402
 
 
@@ -111,10 +112,6 @@ def single_questions(name, questions):
     """`questions`, then the set's reversed and unknown questions: what Reader.answers asks one at a time."""
     asked = ASKED_OTHERWISE[name]
     return questions + [q for q, _ in asked["reversed"]] + asked["unknown"]
-
-
-def user(content):
-    return {"role": "user", "content": content}
 
 
 def asked_otherwise(name, answers, opened, followed):
