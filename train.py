@@ -41,7 +41,7 @@ from model_files import (OFFLINE_DIR, OFFLINE_GGUF, files_of, load_model, pick_d
                          save_plain)
 from safe_files import (UserError, read_json, read_tensors, replaced_atomically, restore_interrupted_swap,
                         write_json, write_tensors)
-from teacher import KINDS, key_words, teacher_examples, words_of
+from teacher import key_words, teacher_examples, words_of
 
 # Questions answered at the end of training with the best adapter. Edit freely.
 messages = [
@@ -92,6 +92,11 @@ REPLAY_QUESTIONS = [
 ]
 REPLAY_MAX_TOKENS = 32  # the start of an answer is what replay must keep; longer costs training time
 REPLAY_PER_EPOCH = 24  # replay pairs an epoch, taken in turn: each costs as much training time as a fact
+# the KL to the teacher on the teacher's answers kept out of training, by their kind (teacher.KINDS): the name
+# in metrics.json, in the epoch's line, and as the loss plot says it
+TEACHER_KLS = {"other words": ("teacher_kl", "teacher KL", "KL to the teacher (questions kept out)"),
+               "reversed": ("reversed_kl", "reversed KL", "KL to the teacher (asked the other way round, kept out)"),
+               "conversation": ("conversation_kl", "conversation KL", "KL to the teacher (in conversations, kept out)")}
 GUESSES = 32  # the model's likeliest tokens before training, per answer position, in training's vocabulary
 
 DEFAULTS = {
@@ -511,9 +516,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     rng: random.Random
     started: float  # time.time() when this process began training
-    history: dict = field(default_factory=lambda: {"train_loss": [], "val_loss": [], "train_recall": [],
-                                                   "val_recall": [], "teacher_kl": [], "reversed_kl": [],
-                                                   "conversation_kl": [], "drift": [], "seconds": []})
+    history: dict = field(default_factory=lambda: {name: [] for name in (
+        "train_loss", "val_loss", "train_recall", "val_recall", *(key for key, _, _ in TEACHER_KLS.values()), "drift",
+        "seconds")})
     best_epoch: int = None
     best_key: list = None
     seconds_before: float = 0.0  # training time of the runs that --resume continues
@@ -601,12 +606,10 @@ def validate(lm, data, batch_size):
     questions kept out of distillation (asked in other words, the other way round, in a conversation), and
     the drift."""
     val_loss, val_recall = evaluate(lm, data.val, batch_size) if data.val else (None, None)
-    kept_out = [[e for e in data.taught_val if e["kind"] == kind] for kind in KINDS]
-    teacher_kl, reversed_kl, conversation_kl = (evaluate(lm, group, batch_size)[0] if group else None
-                                                for group in kept_out)
+    kept_out = {key: [e for e in data.taught_val if e["kind"] == kind] for kind, (key, _, _) in TEACHER_KLS.items()}
+    teacher_kls = {key: evaluate(lm, group, batch_size)[0] if group else None for key, group in kept_out.items()}
     drift = evaluate(lm, data.drift, batch_size)[0] if data.drift else None
-    return {"val_loss": val_loss, "val_recall": val_recall, "teacher_kl": teacher_kl, "reversed_kl": reversed_kl,
-            "conversation_kl": conversation_kl, "drift": drift}
+    return {"val_loss": val_loss, "val_recall": val_recall, **teacher_kls, "drift": drift}
 
 
 def not_finite(scores, model):
@@ -622,9 +625,9 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     for key, value in scores.items():
         run.history[key].append(value)
     # best: the most trained answers recalled, then the most held-out phrasings, then the least KL
-    # to what the base model says: reading the facts (teacher_kl, reversed_kl, conversation_kl: kept out
-    # of training) and on ordinary questions (drift); all are KL per answer token, so they add up
-    distance = sum(scores[key] or 0.0 for key in ("teacher_kl", "reversed_kl", "conversation_kl", "drift"))
+    # to what the base model says: reading the facts (TEACHER_KLS: on its answers kept out of training) and
+    # on ordinary questions (drift); all are KL per answer token, so they add up
+    distance = sum(scores[key] or 0.0 for key in [*(key for key, _, _ in TEACHER_KLS.values()), "drift"])
     key = [scores["train_recall"], scores["val_recall"] or 0.0, -distance]
     if run.best_key is None or key > run.best_key:
         run.best_epoch, run.best_key = epoch, key
@@ -634,9 +637,8 @@ def end_epoch(run, lm, epoch, epoch_started, scores):
     save_state(run, lm)
     val_text = f"{scores['val_loss']:.4f} (recall {scores['val_recall']:.0%})" if run.data.val else "-"
     drift_text = f"{scores['drift']:.4f}" if run.data.drift else "-"
-    teacher_text = "".join(f"  {name} {scores[key]:.4f}" for key, name in
-                           (("teacher_kl", "teacher KL"), ("reversed_kl", "reversed KL"),
-                            ("conversation_kl", "conversation KL")) if scores[key] is not None)
+    teacher_text = "".join(f"  {name} {scores[key]:.4f}" for key, name, _ in TEACHER_KLS.values()
+                           if scores[key] is not None)
     print(f"epoch {epoch:2d}  train {scores['train_loss']:.4f}  val {val_text}  "
           f"recall {scores['train_recall']:.0%}{teacher_text}  drift {drift_text}  "
           f"{run.history['seconds'][-1]:.1f}s"
@@ -1032,12 +1034,9 @@ def write_outputs(out_dir, history, best_epoch, metrics):
     plt.plot(epochs, history["train_loss"], "o-", label="train loss")
     if any(v is not None for v in history["val_loss"]):
         plt.plot(epochs, history["val_loss"], "o-", label="validation loss (held-out phrasings)")
-    if any(v is not None for v in history["teacher_kl"]):
-        plt.plot(epochs, history["teacher_kl"], "o-", label="KL to the teacher (questions kept out)")
-    if any(v is not None for v in history["reversed_kl"]):
-        plt.plot(epochs, history["reversed_kl"], "o-", label="KL to the teacher (asked the other way round, kept out)")
-    if any(v is not None for v in history["conversation_kl"]):
-        plt.plot(epochs, history["conversation_kl"], "o-", label="KL to the teacher (in conversations, kept out)")
+    for key, _, label in TEACHER_KLS.values():
+        if any(v is not None for v in history[key]):
+            plt.plot(epochs, history[key], "o-", label=label)
     if any(v is not None for v in history["drift"]):
         plt.plot(epochs, history["drift"], "o-", label="drift (KL to the base model, ORDINARY_QUESTIONS)")
     if best_epoch:

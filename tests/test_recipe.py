@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import chat_model
+import teacher
 import train
 from conftest import tiny_model
 from inject import inject_lora, load_adapter
@@ -213,3 +214,7 @@ def test_training_steps_use_the_answer_head_where_products_are_fp32_and_the_full
     fit(lm, examples(lm, known=False), tmp_path, epoch=1, early_stop=False)
     assert len(heads) == 4  # 4 pairs + 4 replay in batches of 2
     assert all(isinstance(head, train.AnswerHead) != cpu_bf16 for head in heads)
+
+
+def test_every_kind_of_teacher_answer_kept_out_is_validated():
+    assert tuple(train.TEACHER_KLS) == teacher.KINDS
