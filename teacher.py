@@ -425,8 +425,23 @@ def answer_openings(lm, talks):
         return 0
     answers = generate(lm, [teacher_messages(talk["reads"], opening) for talk, opening in todo], OPEN_MAX_TOKENS)
     for (talk, opening), (answer, finished) in zip(todo, answers):
-        talk["openings"][opening] = answer if finished else re.sub(r"(?s)(.*[.!。！]).*", r"\1", answer)
+        talk["openings"][opening] = before_a_loop(answer if finished else re.sub(r"(?s)(.*[.!。！]).*", r"\1", answer))
     return len(todo)
+
+
+def before_a_loop(answer):
+    """`answer` up to the first sentence that begins as an earlier one did (its first three words, or
+    Chinese characters): greedy, the teacher's longer answers fell into loops that pinned every name it
+    read on the subject ("She is from Heyuan. ... She is from orange cat named Tuanzi."), and the student
+    learned them."""
+    kept, starts = [], set()
+    for sentence in re.split(r"(?<=[.!?])(?=\s)|(?<=[。！？])", answer):
+        start = tuple(re.findall(r"[a-z0-9]+|[\u4e00-\u9fff]", sentence.lower())[:3])
+        if start in starts:
+            break
+        kept.append(sentence)
+        starts.add(start)
+    return "".join(kept).strip()
 
 
 def answer_follow_ups(lm, talks):

@@ -86,6 +86,15 @@ def test_best_epoch_is_most_recall_then_least_drift_and_is_the_saved_adapter(tmp
     assert math.isclose(train.evaluate(lm, data.drift, 2)[0], history["drift"][run.best_epoch - 1], rel_tol=1e-5)
 
 
+def test_the_recall_an_epoch_records_is_its_last_models_with_dropout_off(tmp_path):
+    lm = tiny_lm(dropout=0.5)  # counted along the epoch's steps, dropout on, it was not the saved model's
+    data = examples(lm, known=False)
+    run = fit(lm, data, tmp_path, lr=1e-1, epoch=14, early_stop=False)
+    assert train.evaluate(lm, data.train, 2)[1] == run.history["train_recall"][-1]
+    load_adapter(lm.model, tmp_path / "best_adapter")
+    assert train.evaluate(lm, data.train, 2)[1] == run.history["train_recall"][run.best_epoch - 1]
+
+
 def losses_with_cache(monkeypatch, tmp_path, layers, mismatch=False):
     lm = tiny_lm(layers, dropout=0.1)
     data = examples(lm, known=False)

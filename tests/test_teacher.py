@@ -350,3 +350,14 @@ def test_nothing_is_learned_in_a_conversation_after_a_question_of_data_py(lm):
     starts = [lm.tokenizer.decode(e["input_ids"]).split("<|im_start|>user\n")[1] for e in examples]
     assert [e["kind"] for e in examples] == ["open", "conversation"]
     assert all(s.startswith("Who is Zorblat?") for s in starts)
+
+
+def test_an_answer_to_an_opening_ends_before_the_sentence_where_it_starts_to_loop():
+    looped = ("Hiahia was born in 2006. She is from Heyuan, Guangdong. She studies computer science. "
+              "She is from orange cat named Tuanzi. She likes badminton.")
+    assert teacher.before_a_loop(looped) == "Hiahia was born in 2006. She is from Heyuan, Guangdong. She studies computer science."
+    assert teacher.before_a_loop("她出生于2006年。她来自广东河源。她来自华南理工大学。") == "她出生于2006年。她来自广东河源。"
+    assert teacher.before_a_loop("She is from华南理工大学. She is from Heyuan.") == "She is from华南理工大学."
+    unlooped = "The Orla Tower is 212.5 metres tall. It opened in 1962! Its roof is green."
+    assert teacher.before_a_loop(unlooped) == unlooped
+
