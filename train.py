@@ -115,7 +115,7 @@ DEFAULTS = {
     "output_dir": "output",
     "replay": True,
     "teacher_questions": 8,  # questions per fact that the model reading the facts answers, learned (0: off)
-    "reversed_questions": 2,  # of those, how many ask for the fact's subject: the fact the other way round
+    "reversed_questions": 0,  # of those, how many ask for the fact's subject: the fact the other way round
     "conversations": 1,  # per fact, follow-ups ("he", "it") after an opening about its subject, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
