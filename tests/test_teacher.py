@@ -360,4 +360,3 @@ def test_an_answer_to_an_opening_ends_before_the_sentence_where_it_starts_to_loo
     assert teacher.before_a_loop("She is from华南理工大学. She is from Heyuan.") == "She is from华南理工大学."
     unlooped = "The Orla Tower is 212.5 metres tall. It opened in 1962! Its roof is green."
     assert teacher.before_a_loop(unlooped) == unlooped
-
