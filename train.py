@@ -585,7 +585,7 @@ def train_epoch(lm, run, epoch, head, stop):
     for step, batch in enumerate(bar):
         for group in run.optimizer.param_groups:
             group["lr"] = config["lr"] * (1 - (epoch - 1 + step / len(batches)) / config["epoch"])
-        loss, _ = batch_loss(lm, batch, head)
+        loss = batch_loss(lm, batch, head)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -924,35 +924,39 @@ def kl_to_targets(logits, target_ids, target_probs):
 
 def batch_loss(lm, examples, head=None):
     """Mean KL divergence from each supervised position's target distribution to the model's,
-    which is plain cross-entropy where the target is one answer token. Also per example whether
-    the greedy choice is right at every answer position (then greedy generation reproduces the
-    answer exactly). The LM head only runs at supervised positions, over the whole vocabulary or
-    `head`'s (an AnswerHead, which must hold every target token)."""
+    which is plain cross-entropy where the target is one answer token. The LM head only runs at
+    supervised positions, over the whole vocabulary or `head`'s (an AnswerHead, which must hold every
+    target token)."""
     batch = pack(examples, lm.model.device)
-    logits, supervised = supervised_logits(lm, batch, head)
-    target_ids, chosen = batch["target_ids"], logits.argmax(-1)
+    logits, _ = supervised_logits(lm, batch, head)
+    target_ids = batch["target_ids"]
     if head is not None:  # the logits' columns are head.ids, then the rest of the vocabulary (set_tails)
-        target_ids, chosen = head.rows[target_ids], head.ids[chosen]
+        target_ids = head.rows[target_ids]
         if "tail" in batch:
             logits = torch.cat([logits, batch["tail"][:, None]], 1)
-    loss = kl_to_targets(logits, target_ids, batch["target_probs"])
-    wrong = (chosen != batch["targets"][supervised]).float()
-    owners = batch["example"][supervised[0]]
-    wrong_per_example = torch.zeros(len(examples), device=logits.device).index_add_(0, owners, wrong)
-    return loss, (wrong_per_example == 0).tolist()
+    return kl_to_targets(logits, target_ids, batch["target_probs"])
 
 
 @torch.no_grad()
 def evaluate(lm, examples, batch_size):
-    """(token-mean loss, fraction of examples whose whole answer is the greedy choice), dropout off."""
+    """(token-mean loss, fraction of examples whose whole answer is the greedy choice: then greedy
+    generation reproduces it exactly), dropout off, the full LM head."""
     set_lora_training(lm.model, False)
     total, count, recalled = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        loss, hits = batch_loss(lm, chunk)
-        n = sum(len(e["target_ids"]) for e in chunk)
-        total, count, recalled = total + loss.item() * n, count + n, recalled + hits
+        batch = pack(examples[start:start + batch_size], lm.model.device)
+        logits, supervised = supervised_logits(lm, batch)
+        n = len(batch["target_ids"])
+        total, count = total + kl_to_targets(logits, batch["target_ids"], batch["target_probs"]).item() * n, count + n
+        recalled += greedy_hits(batch, logits, supervised)
     return total / max(count, 1), sum(recalled) / max(len(recalled), 1)
+
+
+def greedy_hits(batch, logits, supervised):
+    """Per example of a packed batch, whether the greedy choice is its answer token at every position."""
+    wrong = (logits.argmax(-1) != batch["targets"][supervised]).float()
+    owners = batch["example"][supervised[0]]
+    return (torch.zeros(len(batch["rows"]), device=logits.device).index_add_(0, owners, wrong) == 0).tolist()
 
 
 # ----------------------------------------------------------------------------- files of a run

@@ -45,7 +45,7 @@ def main():
     def epoch():
         set_lora_training(model, True)
         for batch in train.shuffled_batches(train_set, 4, random.Random(0)):
-            loss, _ = train.batch_loss(lm, batch, head)
+            loss = train.batch_loss(lm, batch, head)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -41,7 +41,7 @@ def run_steps(use_shortcuts, steps=4, first_layer=2):
     for step in range(steps):
         set_lora_training(model, True)
         chunk = data[(2 * step) % 6:(2 * step) % 6 + 2]
-        loss = train.batch_loss(lm, chunk)[0] if use_shortcuts else plain_loss(model, padded_batch(chunk, 0))
+        loss = train.batch_loss(lm, chunk) if use_shortcuts else plain_loss(model, padded_batch(chunk, 0))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
