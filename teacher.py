@@ -55,11 +55,7 @@ OPENINGS = {"en": ["Tell me about {}.", "What do you know about {}?", "Can you t
 PRONOUNS = {"he": ("him", "his"), "she": ("her", "her"), "it": ("it", "its")}  # a follow-up's, and as object, whose
 AUXILIARIES = {"is", "was", "are", "were", "does", "did", "do", "has", "have", "had", "can", "could", "will",
                "would", "should"}  # "Where does he live?": after these the subject pronoun, else "Who founded it?"
-# the teacher's system prompt, in the language the conversation starts in: with data.py's facts in Chinese and
-# English, told in English, it answered a third of the Chinese questions in English (left out, see left_out);
-# "用一句话" alone drew bare "2006年。", which the student would say to the user's own questions
-TEACHER_SYSTEM = {"en": "Answer the user's question in one sentence, using these facts:\n{facts}",
-                  "zh": "用一个完整的句子回答用户的问题，依据这些事实：\n{facts}"}
+TEACHER_SYSTEM = "Answer the user's question in one sentence, using these facts:\n{facts}"
 KINDS = ("other words", "reversed", "conversation")  # of the teacher's examples; a few of each are validated
 # (and "open", the answers to OPENINGS, never kept out: a subject has only a few)
 TEACHER_MAX_TOKENS = 48  # a teacher's answer cut off here is not one sentence: left out
@@ -317,8 +313,7 @@ def teacher_messages(facts, question):
 
 
 def teacher_turns(facts, turns):
-    system = TEACHER_SYSTEM["zh" if has_cjk(turns[0]["content"]) else "en"]
-    return [{"role": "system", "content": system.format(facts="\n".join(facts))}] + turns
+    return [{"role": "system", "content": TEACHER_SYSTEM.format(facts="\n".join(facts))}] + turns
 
 
 def user(content):

@@ -90,12 +90,11 @@ class Reader:
         """What the model (the base model, or `model` with its adapter) answers to `questions`, the set's
         reversed and unknown questions and its conversations; with `facts`, reading them in its system
         prompt as train.py's teacher does."""
-        def reading(turns):  # the teacher's system prompt, in the conversation's language
-            return teacher.teacher_turns([a for _, a, _, _ in facts], turns) if facts else turns
+        start = teacher.teacher_messages([a for _, a, _, _ in facts], "")[:1] if facts else []
         asked = ASKED_OTHERWISE[name]
-        answers = self.ask([reading([user(q)]) for q in single_questions(name, questions)], model)
-        opened = self.ask([reading([user(request)]) for request, _, _ in asked["conversations"]], model, 128)
-        followed = self.ask([reading([user(request), {"role": "assistant", "content": said}, user(q)])
+        answers = self.ask([start + [user(q)] for q in single_questions(name, questions)], model)
+        opened = self.ask([start + [user(request)] for request, _, _ in asked["conversations"]], model, 128)
+        followed = self.ask([start + [user(request), {"role": "assistant", "content": said}, user(q)]
                              for (request, _, then), said in zip(asked["conversations"], opened) for q, _ in then],
                             model)
         return answers, opened, followed

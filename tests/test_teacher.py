@@ -243,18 +243,6 @@ def test_an_answer_in_another_language_than_the_question_is_left_out(lm, monkeyp
     assert [e["input_ids"] for e in taught + kept_out] == [chinese["input_ids"]]
 
 
-def test_the_teacher_is_told_in_the_language_the_conversation_starts_in(lm):
-    facts = ["佐布拉特的猫叫皮姆波。", "Zorblat's cat is called Pimbo."]
-    chinese = [teacher.user("给我讲讲佐布拉特。"), {"role": "assistant", "content": "佐布拉特的猫叫皮姆波。"},
-               teacher.user("What is her cat called?")]  # a follow-up: the language of the first turn
-    for turns, told in (([teacher.user("佐布拉特的猫叫啥？")], "用一个完整的句子回答用户的问题"), (chinese, "用一个完整的句子"),
-                        ([teacher.user("What is Zorblat's cat called?")], "Answer the user's question in one sentence")):
-        system = teacher.teacher_turns(facts, turns)[0]["content"]
-        assert system.startswith(told) and system.endswith("\n".join(facts))
-    _, reading = teacher.teacher_pair(lm, facts, [teacher.user("佐布拉特的猫叫啥？")], "佐布拉特的猫叫皮姆波。")
-    assert "用一个完整的句子" in lm.tokenizer.decode(reading["input_ids"])  # the teacher's targets are read so too
-
-
 @pytest.fixture
 def talking(monkeypatch):
     """generate() for conversations: no rephrased or written questions; the teacher opens with "She lives in
