@@ -939,8 +939,9 @@ def batch_loss(lm, examples, head=None):
 
 @torch.no_grad()
 def evaluate(lm, examples, batch_size):
-    """(token-mean loss, fraction of examples whose whole answer is the greedy choice: then greedy
-    generation reproduces it exactly), dropout off, the full LM head."""
+    """(token-mean loss, fraction of examples whose whole answer is the greedy choice), dropout off, the
+    full LM head. Generation (int8 weights, other rows in its batch) can still flip a token that won by
+    a hair: README, how the best epoch is chosen."""
     set_lora_training(lm.model, False)
     total, count, recalled = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
