@@ -928,7 +928,11 @@ def batch_loss(lm, examples, head=None):
     supervised positions, over the whole vocabulary or `head`'s (an AnswerHead, which must hold every
     target token)."""
     batch = pack(examples, lm.model.device)
-    logits, _ = supervised_logits(lm, batch, head)
+    return answer_loss(batch, supervised_logits(lm, batch, head)[0], head)
+
+
+def answer_loss(batch, logits, head=None):
+    """batch_loss of a packed batch, given its supervised logits (over `head`'s tokens with a head)."""
     target_ids = batch["target_ids"]
     if head is not None:  # the logits' columns are head.ids, then the rest of the vocabulary (set_tails)
         target_ids = head.rows[target_ids]
@@ -948,7 +952,7 @@ def evaluate(lm, examples, batch_size):
         batch = pack(examples[start:start + batch_size], lm.model.device)
         logits, supervised = supervised_logits(lm, batch)
         n = len(batch["target_ids"])
-        total, count = total + kl_to_targets(logits, batch["target_ids"], batch["target_probs"]).item() * n, count + n
+        total, count = total + answer_loss(batch, logits).item() * n, count + n
         recalled += greedy_hits(batch, logits, supervised)
     return total / max(count, 1), sum(recalled) / max(len(recalled), 1)
 
