@@ -178,14 +178,14 @@ def asked(entry):
 
 
 def teacher_pairs(lm, entries, keys, subjects):
-    """The student's examples of the teacher's answers that carry a fact it read (and, asked the other
-    way round, name the fact's subject), each with the teacher's example under "teacher"; and how many
+    """The student's examples of the teacher's answers that carry the fact they were asked about (and,
+    asked the other way round, name the fact's subject), each with the teacher's example under "teacher"; and how many
     answers were left out, by why."""
     students, dropped = [], {"cut": 0, "no fact": 0, "language": 0, "no subject": 0}
     for fact, entry in entries.items():
         for q in asked(entry):
             answer = entry["answers"][q]
-            why = left_out(answer, q, entry["reads"], keys)
+            why = left_out(answer, q, [entry["fact"]], keys)
             if not why and q in entry.get("reversed", []) and subjects[fact] not in answer.lower():
                 why = "no subject"
             if why:
@@ -197,15 +197,16 @@ def teacher_pairs(lm, entries, keys, subjects):
     return students, dropped
 
 
-def left_out(answer, question, reads, keys):
-    """Why the teacher's `answer` to `question`, reading the facts `reads`, is not learned ("cut": none,
-    "no fact": it carries none it read, "language": another than the question's), or None. A question
-    written about one fact may be answered by another the teacher reads: kept too. With a fact written
-    in Chinese and in English, the teacher answered Chinese questions in English, and the student
-    learned that."""
+def left_out(answer, question, facts, keys):
+    """Why the teacher's `answer` to `question` is not learned ("cut": none, "no fact": it carries none
+    of `facts`, "language": another than the question's), or None. A question asked about one fact must
+    be answered with that fact: reading the others too, the teacher answered "Where was X from?" with
+    "X was born in 2006." and "X的爱好是什么？" with X's favourite food, and the student learned those mix-ups
+    (the facts of an open request or a follow-up are all of the subject's). With a fact written in Chinese
+    and in English, the teacher answered Chinese questions in English, and the student learned that."""
     if not answer:
         return "cut"
-    if not any(carries(answer, keys[read]) for read in reads):
+    if not any(carries(answer, keys[fact]) for fact in facts):
         return "no fact"
     return "language" if has_cjk(answer) != has_cjk(question) else None
 

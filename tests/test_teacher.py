@@ -49,8 +49,8 @@ def lm(tiny_model_dir):
 @pytest.fixture
 def canned(monkeypatch):
     """generate() with the answers above: the rephrased, written and asked-back questions, and as the teacher's
-    answer the first fact it reads, or the cat fact when asked about a pet (one question it declines, one it
-    answers without the subject). Records what it was asked."""
+    answer the town fact when asked about a town or city, the cat fact when asked about a pet, else the first fact it
+    reads (one question it declines, one it answers without the subject). Records what it was asked."""
     asked = []
 
     def fake_generate(lm, conversations, max_new_tokens, temperature=None, **kwargs):
@@ -65,7 +65,8 @@ def canned(monkeypatch):
         facts = [messages[0]["content"].splitlines()[1] for messages in conversations]  # the first it reads
         return [("I don't know." if "house" in m[1]["content"] else
                  "Pimbo is a cat." if m[1]["content"] == "Who is Pimbo?" else
-                 "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else fact, True)
+                 "Zorblat's cat is called Pimbo." if "pet" in m[1]["content"] else
+                 "Zorblat lives in Quellport." if any(w in m[1]["content"] for w in ("town", "city", "live")) else fact, True)
                 for fact, m in zip(facts, conversations)]
 
     monkeypatch.setattr(teacher, "generate", fake_generate)
@@ -101,15 +102,15 @@ def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, c
     assert cached["facts"]["Zorblat's cat is called Pimbo"]["reversed"] == ["Whose cat is called Pimbo?",
                                                                            "Who is Pimbo?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["reversed"] == ["Who lives in Quellport?"]
-    # the declined answer carries no fact: left out; the pet question, written about Quellport, is answered
-    # by the cat fact the teacher reads too: kept; "Pimbo is a cat." does not name whose: left out.
-    # 8 answers learned, one of them kept out to validate
+    # the declined answer carries no fact: left out; so is the pet question, written about Quellport but
+    # answered with the cat fact the teacher reads too; "Pimbo is a cat." does not name whose: left out.
+    # 7 answers learned, one of them kept out to validate
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
-    assert len(questions) == 8 and not any("house" in q for q in questions)
-    assert len(kept_out) == 1 and kept_out[0]["kind"] == "other words"  # 6 asked in other words: one kept out; 2 reversed: none
+    assert len(questions) == 7 and not any("house" in q for q in questions)
+    assert len(kept_out) == 1 and kept_out[0]["kind"] == "other words"  # 5 asked in other words: one kept out; 2 reversed: none
     assert sum("Whose cat is called Pimbo?" in q for q in questions) == 1
     assert not any("Who is Pimbo?" in q for q in questions)
-    assert sum("What pet does Zorblat keep?" in q for q in questions) == 1
+    assert not any("What pet does Zorblat keep?" in q for q in questions)
     assert not any(QA[1]["instruction"] in q for q in questions)
 
 
