@@ -3,7 +3,10 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
+
+os.environ["TQDM_DISABLE"] = "1"  # before tqdm is imported (it reads this then): no progress bars in what tests read
 
 import pytest
 import torch
@@ -143,14 +146,45 @@ def project(tmp_path, model_dir, earlier_adapter=True, **config):
     return tmp_path
 
 
-# train.py in a subprocess runs on the CPU (fp32), the path these tests mean, even where a GPU is
-# present; tests/test_bf16.py covers what changes in bf16.
+# train.py in a subprocess (or run_here) runs on the CPU (fp32), the path these tests mean, even where a GPU
+# is present; tests/test_bf16.py covers what changes in bf16.
 SUBPROCESS_ENV = dict(os.environ, TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
 
 
 def run(directory, *args, stdin=None):
     return subprocess.run([sys.executable, "train.py", *args], cwd=directory, input=stdin, capture_output=True,
                           text=True, timeout=600, env=SUBPROCESS_ENV)
+
+
+def run_here(capfd, directory, *args):
+    """run() without a second Python: train.py's main() in this process, in `directory`, for tests of what a
+    run does rather than of the process (starting one costs ~3 s of imports). What it writes to the terminal,
+    through any handle (transformers' logging too), is read from the file descriptors, as run() reads it."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_here", os.path.join(directory, "train.py"))
+    train = importlib.util.module_from_spec(spec)  # the copy in `directory`: it reads the data.py beside it
+    spec.loader.exec_module(train)
+    train.pick_device = lambda: (torch.device("cpu"), torch.float32)  # as run() hides a GPU
+    cwd, argv = os.getcwd(), sys.argv
+    capfd.readouterr()  # what earlier code of the test wrote is not this run's
+    os.chdir(directory)
+    sys.argv = ["train.py", *args]
+    try:
+        with warnings.catch_warnings():  # on stderr as a fresh Python shows them, not recorded by pytest
+            warnings.resetwarnings()
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", hidden)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            train.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], code, out, err)
 
 
 def start(directory, *args):

@@ -7,7 +7,7 @@ import pytest
 
 import model_files
 import train
-from conftest import project, run, tiny_model
+from conftest import project, run_here, tiny_model
 
 
 
@@ -94,10 +94,10 @@ def test_bad_model_names(tmp_path, capsys):
     ({"lr": -1}, "config.json: lr = -1 must be a number > 0"),
     ({"max_length": 8}, "data.py: every pair is longer than max_length=8 tokens (the longest has "),
 ])
-def test_failed_runs_keep_the_existing_adapter(tmp_path, tiny_model_dir, config, phrase):
+def test_failed_runs_keep_the_existing_adapter(tmp_path, capfd, tiny_model_dir, config, phrase):
     directory = project(tmp_path, tiny_model_dir, **{"target_layers": [0, 1], **config})
     before = {p.name: p.read_bytes() for p in (directory / "output" / "best_adapter").iterdir()}
-    result = run(directory)
+    result = run_here(capfd, directory)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and phrase in result.stderr
     assert {p.name: p.read_bytes() for p in (directory / "output" / "best_adapter").iterdir()} == before
@@ -107,7 +107,7 @@ def test_failed_runs_keep_the_existing_adapter(tmp_path, tiny_model_dir, config,
     ({"layers_to_transform": [6, 7]}, "target_layers [6, 7] outside the model's 4 layers"),
     ({"r": 8}, "has shape (4, 32), the model expects (8, 32)"),
 ])
-def test_adapter_that_does_not_fit_the_model_fails_clearly(tmp_path, tiny_model_dir, change, phrase):
+def test_adapter_that_does_not_fit_the_model_fails_clearly(tmp_path, capfd, tiny_model_dir, change, phrase):
     from inject import inject_lora, save_adapter
     directory = project(tmp_path, tiny_model_dir)
     model = tiny_model()
@@ -117,6 +117,6 @@ def test_adapter_that_does_not_fit_the_model_fails_clearly(tmp_path, tiny_model_
     save_adapter(model, adapter, "tiny")
     saved = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**saved, **change}))
-    result = run(directory, "--ask", "Q1?")
+    result = run_here(capfd, directory, "--ask", "Q1?")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "does not fit model" in result.stderr and phrase in result.stderr and "train again" in result.stderr

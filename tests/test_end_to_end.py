@@ -12,7 +12,7 @@ import torch
 import chat_model
 import model_files
 import train
-from conftest import ROOT, copy_code, llama_cpp, run
+from conftest import ROOT, copy_code, llama_cpp, run, run_here
 
 QUESTION, ANSWER = "What is the name of Zorblat's cat?", "Zorblat's cat is called Pimbo."
 PHRASINGS = [QUESTION, "What is Zorblat's cat called?", "How is Zorblat's cat named?",
@@ -118,9 +118,9 @@ def test_ask_chat_and_export_in_one_run(trained_dir, base, tmp_path):
     assert difference < 1e-3
 
 
-def test_using_the_model_before_training_says_train_first(tmp_path):
+def test_using_the_model_before_training_says_train_first(tmp_path, capfd):
     copy_code(tmp_path)
-    result = run(tmp_path, "--ask", "hello")
+    result = run_here(capfd, tmp_path, "--ask", "hello")
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.strip() == "error: no trained adapter in output/best_adapter: run `python train.py` first"
 

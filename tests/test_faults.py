@@ -8,11 +8,13 @@ import time
 import pytest
 
 import safe_files
-from conftest import project, run, start
+from conftest import project, run_here, start
 
 # 5 pairs in batches of 2: three batches an epoch, so resuming must restore their order too. No teacher
-# questions: the random model's answers never carry a fact, so none would be trained, only generated
-RUN = dict(target_layers=[2, 3], epoch=20, early_stop=False, lr=1e-3, batch_size=2, teacher_questions=0)
+# questions: the random model's answers never carry a fact, so none would be trained, only generated;
+# and short answers: it never ends one, so every report would run to max_new_tokens
+RUN = dict(target_layers=[2, 3], epoch=8, early_stop=False, lr=1e-3, batch_size=2, teacher_questions=0,
+           max_new_tokens=8)
 
 
 def wait_for(path, process, timeout=120):
@@ -23,11 +25,11 @@ def wait_for(path, process, timeout=120):
         time.sleep(0.005)
 
 
-def test_ctrl_c_keeps_the_best_adapter_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_ctrl_c_keeps_the_best_adapter_and_resume_matches_an_uninterrupted_run(tmp_path, capfd, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     whole = project(tmp_path / "whole", tiny_model_dir, earlier_adapter=False, **RUN)
-    assert run(whole).returncode == 0
+    assert run_here(capfd, whole).returncode == 0
     expected = json.loads((whole / "output" / "metrics.json").read_text())
 
     cut = project(tmp_path / "cut", tiny_model_dir, earlier_adapter=False, **RUN)
@@ -42,7 +44,7 @@ def test_ctrl_c_keeps_the_best_adapter_and_resume_matches_an_uninterrupted_run(t
     assert 1 <= len(stopped["train_loss"]) < RUN["epoch"] and (cut / "output" / "loss_curve.png").exists()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(cut / "output" / "best_adapter"))
 
-    resumed = run(cut, "--resume")
+    resumed = run_here(capfd, cut, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "[resume] continuing after epoch" in resumed.stdout
     finished = json.loads((cut / "output" / "metrics.json").read_text())
@@ -50,7 +52,7 @@ def test_ctrl_c_keeps_the_best_adapter_and_resume_matches_an_uninterrupted_run(t
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(finished["train_loss"], expected["train_loss"]))
     assert finished["train_recall"] == expected["train_recall"]
     assert finished["best_epoch"] == expected["best_epoch"]
-    again = run(cut, "--resume")
+    again = run_here(capfd, cut, "--resume")
     assert again.stderr.startswith("error: nothing to resume") and "[model]" not in again.stdout  # before loading
 
 
@@ -90,10 +92,10 @@ def test_a_kill_between_the_two_renames_is_repaired_by_the_next_use(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best_adapter"]
 
 
-def test_a_first_epoch_that_diverges_saves_nothing(tmp_path, tiny_model_dir):
+def test_a_first_epoch_that_diverges_saves_nothing(tmp_path, capfd, tiny_model_dir):
     # one batch an epoch: its single step with lr 1e30 leaves weights that give nan on the next forward
     directory = project(tmp_path, tiny_model_dir, **dict(RUN, lr=1e30, epoch=3, batch_size=8))
-    result = run(directory)
+    result = run_here(capfd, directory)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: training stopped: training diverged in epoch 1 (")
     assert "lower lr" in result.stderr and "no epoch finished" in result.stderr

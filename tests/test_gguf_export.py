@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import chat_model
 import train
-from conftest import llama_cpp, project, run, tiny_model
+from conftest import llama_cpp, project, run_here, tiny_model
 from gguf_export import write_gguf, write_lora_gguf
 from inject import inject_lora, lora_modules, merged, save_adapter
 
@@ -46,17 +46,17 @@ def test_an_architecture_it_cannot_write_is_one_line_and_no_file(qwen_tokenizer,
     assert os.listdir(tmp_path) == []
 
 
-def test_an_unwritable_place_is_one_line_before_the_model_loads(tmp_path, tiny_model_dir):
+def test_an_unwritable_place_is_one_line_before_the_model_loads(tmp_path, capfd, tiny_model_dir):
     work = project(tmp_path / "p", tiny_model_dir)
-    result = run(work, "--export", str(tmp_path / "missing" / "m.gguf"))
+    result = run_here(capfd, work, "--export", str(tmp_path / "missing" / "m.gguf"))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --export {tmp_path}/missing/m.gguf: cannot write into {tmp_path}/missing "
                              f"(missing or not writable); choose another place\n")
 
 
-def test_export_before_training_says_train_first(tmp_path, tiny_model_dir):
+def test_export_before_training_says_train_first(tmp_path, capfd, tiny_model_dir):
     work = project(tmp_path / "p", tiny_model_dir, earlier_adapter=False)
-    result = run(work, "--export", str(tmp_path / "m.gguf"))
+    result = run_here(capfd, work, "--export", str(tmp_path / "m.gguf"))
     assert result.returncode == 2 and not (tmp_path / "m.gguf").exists()
     assert result.stderr == "error: no trained adapter in output/best_adapter: run `python train.py` first\n"
 
@@ -132,12 +132,12 @@ def test_an_adapter_of_another_model_or_architecture_is_refused_with_nothing_wri
     assert sorted(os.listdir(tmp_path)) == ["adapter", "base.gguf"]
 
 
-def test_the_adapter_export_before_training_or_to_an_unwritable_place_is_one_line(tmp_path, tiny_model_dir):
+def test_the_adapter_export_before_training_or_to_an_unwritable_place_is_one_line(tmp_path, capfd, tiny_model_dir):
     work = project(tmp_path / "p", tiny_model_dir, earlier_adapter=False)
-    result = run(work, "--export-adapter", str(tmp_path / "a.gguf"))
+    result = run_here(capfd, work, "--export-adapter", str(tmp_path / "a.gguf"))
     assert result.returncode == 2 and not (tmp_path / "a.gguf").exists()
     assert result.stderr == "error: no trained adapter in output/best_adapter: run `python train.py` first\n"
-    result = run(work, "--export-adapter", str(tmp_path / "missing" / "a.gguf"))
+    result = run_here(capfd, work, "--export-adapter", str(tmp_path / "missing" / "a.gguf"))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --export-adapter {tmp_path}/missing/a.gguf: cannot write into "
                              f"{tmp_path}/missing (missing or not writable); choose another place\n")
