@@ -148,7 +148,7 @@ def project(tmp_path, model_dir, earlier_adapter=True, **config):
 
 # train.py in a subprocess (or run_here) runs on the CPU (fp32), the path these tests mean, even where a GPU
 # is present; tests/test_bf16.py covers what changes in bf16.
-SUBPROCESS_ENV = dict(os.environ, TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+SUBPROCESS_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # TQDM_DISABLE is set above, for every test
 
 
 def run(directory, *args, stdin=None):
