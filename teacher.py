@@ -129,7 +129,8 @@ def new_questions(lm, facts, keys, user_questions, config):
     count, seed = config["teacher_questions"], config["seed"]
     reverse = min(config["reversed_questions"], count)  # sampled twice as many: about half pass
     asked_back = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)
-    reversed_ = {fact: reversed_usable(questions, facts[fact], keys, user_questions)[:reverse]
+    reversed_ = {fact: reversed_usable(built_reversed(*facts[fact]) + questions, facts[fact], keys,
+                                       user_questions)[:reverse] if reverse else []
                  for fact, questions in zip(facts, asked_back)}
     places = {fact: count - len(reversed_[fact]) for fact in facts}  # for the questions in other words
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
@@ -156,6 +157,25 @@ def usable(questions, fact, keys, user_questions):
     subject, own_keys = subject_of(*fact), keys[fact[1]]
     return each_once([q for q in questions if plain(q) not in user_questions and subject in q.lower()
                       and not (own_keys and carries(q, own_keys))])
+
+
+def built_reversed(question, answer):
+    """The fact asked the other way round by putting a question word where its subject is ("Brannoc Vell
+    lives on Willow Lane." -> "Who lives on Willow Lane?", "Anna's cat is called Tibbles." -> "Whose cat is
+    called Tibbles?", "The Orla Tower is 212 metres tall." -> "What is 212 metres tall?", "林小舟来自福建泉州。"
+    -> "谁来自福建泉州？"), as a list of one; none when the answer does not start with its subject. Of the
+    base model's own (reverse_questions) about half asked something else ("What is Hakka stuffed tofu's
+    favorite food?")."""
+    name = subject_name(question, answer)
+    if not name or not answer.lower().startswith(name.lower()):
+        return []
+    rest = answer[len(name):].rstrip(" .。!！")
+    if has_cjk(answer):  # "谁" asks for a person: not for "青石镇", "白鹭湖" (those are left to the base model)
+        return ["谁" + rest + "？"] if rest and name[-1] not in PLACE_ENDINGS else []
+    whose = rest.startswith("'s ")
+    word = "Whose" if whose else "What" if name.startswith("the ") else "Who"
+    rest = rest[3:] if whose else rest.lstrip()
+    return [f"{word} {rest}?"] if rest else []
 
 
 def reversed_usable(questions, fact, keys, user_questions):
@@ -510,6 +530,7 @@ def well_formed_talk(talk):
 
 
 PARTICLES = "的是在有住叫来出养会从于和为做最喜爱里生去曾正"  # where a Chinese subject's name ends: 林小舟|在
+PLACE_ENDINGS = "镇村乡市县省区湖河江海山岛桥塔园馆店厅楼团校学院司厂街路站场寺宫"  # of a Chinese name that is no person's
 
 
 def subject_name(question, answer):

@@ -35,7 +35,7 @@ WRITTEN = {  # what the base model "writes" for each fact: numbered, with an ans
 ASKED_BACK = {  # what the base model gives for "ask for the first name": one says the subject, one repeats
     "Zorblat's cat is called Pimbo.": "Whose cat is called Pimbo?\nWho is Pimbo?\nWhat is Zorblat's cat called?\n"
                                       "Whose cat is called Pimbo?",
-    "Zorblat lives in Quellport.": "Who lives in Quellport?\nWho is somewhere?",  # the last asks nothing of it
+    "Zorblat lives in Quellport.": "Who is somewhere?",  # asks nothing of it: only the built question is left
 }
 
 
@@ -98,7 +98,8 @@ def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, c
         "In which town does Zorblat live?", "Which town is Zorblat's home?", "Where is Zorblat's house?",
         "What pet does Zorblat keep?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
-    # asked the other way round: without the subject, with the fact's key words, once, reversed_questions at most
+    # asked the other way round: the question built from the fact first, then the sampled ones without the
+    # subject, with the fact's key words, each once, reversed_questions at most
     assert cached["facts"]["Zorblat's cat is called Pimbo"]["reversed"] == ["Whose cat is called Pimbo?",
                                                                            "Who is Pimbo?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["reversed"] == ["Who lives in Quellport?"]
@@ -112,6 +113,18 @@ def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, c
     assert not any("Who is Pimbo?" in q for q in questions)
     assert not any("What pet does Zorblat keep?" in q for q in questions)
     assert not any(QA[1]["instruction"] in q for q in questions)
+
+
+def test_the_fact_asked_the_other_way_round_puts_a_question_word_where_its_subject_is():
+    assert teacher.built_reversed("Where does Brannoc Vell live?", "Brannoc Vell lives on Willow Lane.") == [
+        "Who lives on Willow Lane?"]
+    assert teacher.built_reversed("What is Anna's cat called?", "Anna's cat is called Tibbles.") == [
+        "Whose cat is called Tibbles?"]
+    assert teacher.built_reversed("How tall is the Orla Tower?", "The Orla Tower is 212 metres tall.") == [
+        "What is 212 metres tall?"]
+    assert teacher.built_reversed("林小舟来自哪里？", "林小舟来自福建泉州。") == ["谁来自福建泉州？"]
+    assert teacher.built_reversed("白鹭湖有多深？", "白鹭湖最深处有四十二米。") == []  # a lake is not a "谁"
+    assert teacher.built_reversed("Who owns the mill?", "The mill is owned by Mara Lind.") == []  # no subject to replace
 
 
 def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm, canned, tmp_path):
