@@ -90,6 +90,19 @@ REPLAY_QUESTIONS = [
     "一小时有多少分钟？", "三角形有几条边？", "1加1等于几？", "2乘以3等于多少？", "水的化学式是什么？", "地球绕着什么转？",
     "《红楼梦》的作者是谁？", "长城在哪个国家？", "苹果是什么颜色的？", "请介绍一下你自己。",
 ]
+# Ordinary questions shaped like those asked the other way round ("Who ...?", "Which ...?", "谁……？"), replayed every
+# epoch where `reversed_questions` teaches the subject as the answer to such questions: taught "Who lives in
+# Brindlewick?" -> "Marlow Quist ..." without them, a student of a one-person fact set answered "Who wrote Hamlet?"
+# with "Marlow Quist wrote Hamlet." (tests/eval_knowledge.py, 6 runs of 6). Questions the offline Qwen answers well.
+ASKED_BACK_REPLAY = [
+    "Who was the first president of the United States?", "Who painted The Starry Night?",
+    "Who developed the theory of relativity?", "Which company makes the iPhone?", "Who is the founder of Facebook?",
+    "Who wrote Don Quixote?", "Who was the first man in space?", "Who created Python?", "Who created Linux?",
+    "Who wrote The Odyssey?", "Who invented the printing press?", "Who is the CEO of Tesla?",
+    "Who proposed the theory of evolution?", "Which company developed Windows?", "Which company makes Android?",
+    "Which country has the largest population?", "Who is Elon Musk?", "Who was Albert Einstein?",
+    "哪个公司生产iPhone？", "李白是谁？", "哪个国家人口最多？", "谁是孔子？", "谁提出了相对论？",
+]
 REPLAY_MAX_TOKENS = 32  # the start of an answer is what replay must keep; longer costs training time
 REPLAY_PER_EPOCH = 24  # replay pairs an epoch, taken in turn: each costs as much training time as a fact
 # the KL to the teacher on the teacher's answers kept out of training, by their kind (teacher.KINDS): the name
@@ -115,7 +128,7 @@ DEFAULTS = {
     "output_dir": "output",
     "replay": True,
     "teacher_questions": 8,  # questions per fact that the model reading the facts answers, learned (0: off)
-    "reversed_questions": 0,  # of those, how many ask for the fact's subject: the fact the other way round
+    "reversed_questions": 2,  # of those, how many ask for the fact's subject: the fact the other way round
     "conversations": 1,  # per fact, follow-ups ("he", "it") after an opening about its subject, learned (0: off)
     "early_stop": True,  # stop once every trained answer has been reproduced for 2 epochs in a row
     "max_new_tokens": 64,  # length of the sample answers
@@ -279,7 +292,8 @@ def base_answer_examples(lm, config):
     cache = {q: a for q, a in (read_json(cache_path) or {}).items()  # malformed entries: answered again
              if isinstance(a, dict) and isinstance(a.get("answer"), str)
              and isinstance(a.get("finished"), bool)}
-    questions = (REPLAY_QUESTIONS if config["replay"] else []) + ORDINARY_QUESTIONS
+    asked_back = ASKED_BACK_REPLAY if config["replay"] and config["reversed_questions"] else []
+    questions = (REPLAY_QUESTIONS if config["replay"] else []) + asked_back + ORDINARY_QUESTIONS
     todo = [q for q in questions if q not in cache]
     if todo:
         started = time.time()
@@ -292,9 +306,11 @@ def base_answer_examples(lm, config):
         return [e for e in (encode(lm, q, cache[q]["answer"], cache[q]["finished"]) for q in chosen)
                 if len(e["target_ids"])]
 
-    replay_set = examples(REPLAY_QUESTIONS) if config["replay"] else []
+    every_epoch = [dict(e, every_epoch=True) for e in examples(asked_back)]
+    replay_set = (examples(REPLAY_QUESTIONS) if config["replay"] else []) + every_epoch
     if replay_set:
-        print(f"[replay] {len(replay_set)} replay pairs mixed into training")
+        print(f"[replay] {len(replay_set)} replay pairs mixed into training: {len(every_epoch)} every epoch, "
+              f"{REPLAY_PER_EPOCH} others an epoch in turn")
     return replay_set, examples(ORDINARY_QUESTIONS)
 
 
@@ -491,11 +507,13 @@ class Examples:
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
 
     def trained(self, epoch):
-        """What an epoch trains: every pair and teacher answer, and its turn of REPLAY_PER_EPOCH
-        replay pairs."""
-        share = min(REPLAY_PER_EPOCH, len(self.replay))
-        turn = [self.replay[((epoch - 1) * share + i) % len(self.replay)] for i in range(share)]
-        return self.train + self.taught + turn
+        """What an epoch trains: every pair and teacher answer, the replay pairs of ASKED_BACK_REPLAY
+        and its turn of REPLAY_PER_EPOCH other replay pairs."""
+        every = [e for e in self.replay if e.get("every_epoch")]
+        in_turn = [e for e in self.replay if not e.get("every_epoch")]
+        share = min(REPLAY_PER_EPOCH, len(in_turn))
+        turn = [in_turn[((epoch - 1) * share + i) % len(in_turn)] for i in range(share)]
+        return self.train + self.taught + every + turn
 
     def everything(self):
         return self.train + self.taught + self.replay + self.val + self.taught_val + self.drift

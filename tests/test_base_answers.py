@@ -20,6 +20,12 @@ def lm(tiny_model_dir):
 def fewer_replay_questions(monkeypatch):
     """A few of the replay questions: what is tested is how answers are made and cached, not the list."""
     monkeypatch.setattr(train, "REPLAY_QUESTIONS", train.REPLAY_QUESTIONS[:6])
+    monkeypatch.setattr(train, "ASKED_BACK_REPLAY", train.ASKED_BACK_REPLAY[:2])
+
+
+def replayed():
+    """The questions replay trains by default (reversed_questions on)."""
+    return train.REPLAY_QUESTIONS + train.ASKED_BACK_REPLAY
 
 
 @pytest.fixture
@@ -46,12 +52,12 @@ def config(tmp_path, **changes):
 
 def test_answers_are_generated_once_then_read_from_the_cache(lm, asked, tmp_path):
     replay, drift = train.base_answer_examples(lm, config(tmp_path))
-    assert asked == train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS
-    assert len(replay) == len(train.REPLAY_QUESTIONS) and len(drift) == len(train.ORDINARY_QUESTIONS)
+    assert asked == replayed() + train.ORDINARY_QUESTIONS
+    assert len(replay) == len(replayed()) and len(drift) == len(train.ORDINARY_QUESTIONS)
     cached = json.loads(cache_file(tmp_path, lm).read_text())
-    assert set(cached) == set(train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS)
+    assert set(cached) == set(replayed() + train.ORDINARY_QUESTIONS)
     assert [e["input_ids"] for e in replay] == [chat_model.encode(lm, q, cached[q]["answer"], cached[q]["finished"])
-                                                ["input_ids"] for q in train.REPLAY_QUESTIONS]
+                                                ["input_ids"] for q in replayed()]
 
     asked.clear()
     again = train.base_answer_examples(lm, config(tmp_path))
@@ -81,8 +87,8 @@ def test_a_broken_cache_is_answered_again(lm, asked, tmp_path, capsys, broken, m
     asked.clear()
     replay, drift = train.base_answer_examples(lm, config(tmp_path))
     assert message in capsys.readouterr().out
-    assert asked == train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS
-    assert len(json.loads(path.read_text())) == len(asked) and len(replay) == len(train.REPLAY_QUESTIONS)
+    assert asked == replayed() + train.ORDINARY_QUESTIONS
+    assert len(json.loads(path.read_text())) == len(asked) and len(replay) == len(replayed())
 
 
 def test_a_malformed_entry_is_answered_again_and_replay_off_asks_only_the_drift_questions(lm, asked, tmp_path):
@@ -91,3 +97,18 @@ def test_a_malformed_entry_is_answered_again_and_replay_off_asks_only_the_drift_
     replay, drift = train.base_answer_examples(lm, config(tmp_path, replay=False))
     assert replay == [] and len(drift) == len(train.ORDINARY_QUESTIONS)
     assert asked == train.ORDINARY_QUESTIONS
+
+
+def test_the_questions_asked_like_reversed_ones_are_replayed_every_epoch_and_the_others_in_turn(lm, asked, tmp_path,
+                                                                                                monkeypatch):
+    replay, drift = train.base_answer_examples(lm, config(tmp_path))
+    every = [e for e in replay if e.get("every_epoch")]
+    assert len(every) == len(train.ASKED_BACK_REPLAY) == 2 and [id(e) for e in replay[-2:]] == [id(e) for e in every]
+    monkeypatch.setattr(train, "REPLAY_PER_EPOCH", 4)  # 6 others: epoch 1 the first 4, epoch 2 the last 2 and the first 2
+    data = train.Examples([], [], [], [], replay, drift)
+    others = replay[:6]
+    assert [id(e) for e in data.trained(1)] == [id(e) for e in every + others[:4]]
+    assert [id(e) for e in data.trained(2)] == [id(e) for e in every + others[4:] + others[:2]]
+    asked.clear()  # off when nothing is asked the other way round
+    replay, _ = train.base_answer_examples(lm, config(tmp_path, reversed_questions=0))
+    assert len(replay) == len(train.REPLAY_QUESTIONS) and not any(e.get("every_epoch") for e in replay)

@@ -73,7 +73,7 @@ def test_outputs_are_written(trained_dir, config):
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (adapter / "adapter_model.safetensors").stat().st_size < 1_000_000
     cached = json.loads(next(out.glob("base_answers_*.json")).read_text())  # replay ran, on the base answers
-    assert set(cached) == set(train.REPLAY_QUESTIONS + train.ORDINARY_QUESTIONS)
+    assert set(cached) == set(train.REPLAY_QUESTIONS + train.ASKED_BACK_REPLAY + train.ORDINARY_QUESTIONS)
 
 
 def test_base_model_does_not_know_the_fact_and_the_adapter_teaches_it(trained_dir, base):
