@@ -285,14 +285,16 @@ def split_by_fact(facts, val_ratio, seed):
 
 def base_answer_examples(lm, config):
     """The base model's own answers, made once per model and cached in output/: to REPLAY_QUESTIONS,
-    trained when `replay` is on so that new facts do not overwrite what the model knew, and to
+    trained when `replay` is on so that new facts do not overwrite what the model knew (and to
+    ASKED_BACK_REPLAY, trained every epoch, when questions are asked the other way round), and to
     ORDINARY_QUESTIONS, never trained, on which validation measures how far the model drifted."""
     slug = "".join(c if c.isalnum() else "_" for c in lm.path.strip("/").split("/")[-1])
     cache_path = os.path.join(config["output_dir"], f"base_answers_{slug}.json")
     cache = {q: a for q, a in (read_json(cache_path) or {}).items()  # malformed entries: answered again
              if isinstance(a, dict) and isinstance(a.get("answer"), str)
              and isinstance(a.get("finished"), bool)}
-    asked_back = ASKED_BACK_REPLAY if config["replay"] and config["reversed_questions"] else []
+    asks_back = config["replay"] and config["reversed_questions"] and config["teacher_questions"]
+    asked_back = ASKED_BACK_REPLAY if asks_back else []
     questions = (REPLAY_QUESTIONS if config["replay"] else []) + asked_back + ORDINARY_QUESTIONS
     todo = [q for q in questions if q not in cache]
     if todo:
@@ -309,8 +311,9 @@ def base_answer_examples(lm, config):
     every_epoch = [dict(e, every_epoch=True) for e in examples(asked_back)]
     replay_set = (examples(REPLAY_QUESTIONS) if config["replay"] else []) + every_epoch
     if replay_set:
+        in_turn = min(REPLAY_PER_EPOCH, len(replay_set) - len(every_epoch))
         print(f"[replay] {len(replay_set)} replay pairs mixed into training: {len(every_epoch)} every epoch, "
-              f"{REPLAY_PER_EPOCH} others an epoch in turn")
+              f"{in_turn} others an epoch in turn")
     return replay_set, examples(ORDINARY_QUESTIONS)
 
 
@@ -503,7 +506,7 @@ class Examples:
     val: list  # the other phrasings held out (split_by_fact)
     taught: list  # questions about the facts with the teacher's answers to learn (teacher_examples)
     taught_val: list  # a few of them kept out: the KL to the teacher there is validated
-    replay: list  # the base model's answers to REPLAY_QUESTIONS, trained to keep what it knew
+    replay: list  # the base model's answers to REPLAY_QUESTIONS (and ASKED_BACK_REPLAY), trained to keep what it knew
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift
 
     def trained(self, epoch):

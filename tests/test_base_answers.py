@@ -109,6 +109,6 @@ def test_the_questions_asked_like_reversed_ones_are_replayed_every_epoch_and_the
     others = replay[:6]
     assert [id(e) for e in data.trained(1)] == [id(e) for e in every + others[:4]]
     assert [id(e) for e in data.trained(2)] == [id(e) for e in every + others[4:] + others[:2]]
-    asked.clear()  # off when nothing is asked the other way round
-    replay, _ = train.base_answer_examples(lm, config(tmp_path, reversed_questions=0))
-    assert len(replay) == len(train.REPLAY_QUESTIONS) and not any(e.get("every_epoch") for e in replay)
+    for nothing_asked_back in ({"reversed_questions": 0}, {"teacher_questions": 0}):  # then off
+        replay, _ = train.base_answer_examples(lm, config(tmp_path, **nothing_asked_back))
+        assert len(replay) == len(train.REPLAY_QUESTIONS) and not any(e.get("every_epoch") for e in replay)
