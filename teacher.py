@@ -130,7 +130,7 @@ def new_questions(lm, facts, keys, user_questions, config):
     reverse = min(config["reversed_questions"], count)  # sampled twice as many: about half pass
     asked_back = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)
     reversed_ = {fact: reversed_usable(built_reversed(*facts[fact]) + questions, facts[fact], keys,
-                                       user_questions)[:reverse] if reverse else []
+                                       user_questions)[:reverse]
                  for fact, questions in zip(facts, asked_back)}
     places = {fact: count - len(reversed_[fact]) for fact in facts}  # for the questions in other words
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
