@@ -7,7 +7,8 @@ prompt (teacher_reading), answers them greedily; it also answers openings about 
 ("Tell me about X.") and follow-ups that refer back to it ("Where does he live?"), in conversations.
 teacher_examples() returns the pairs to learn: the student's example (the question or conversation
 alone) with the teacher's (the facts, then the same) beside it, whose distribution train.py's soft
-targets take. All of it is cached in output/teacher_questions.json,
+targets take; and one question per fact built from it the other way round ("Who lives on Willow Lane?"),
+whose answer is the fact itself. All of it is cached in output/teacher_questions.json,
 which the user may read and edit. Needs lm (tokens, generate) and safe_files (the JSON cache).
 """
 import itertools
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from chat_model import generate, make_example, prompt_ids, question_of
+from chat_model import encode, generate, make_example, prompt_ids, question_of
 from safe_files import read_json, write_json
 
 WRITE_QUESTIONS = {  # asked of the base model for each fact, in the fact's language; sampled
@@ -74,12 +75,13 @@ def teacher_examples(lm, qa_data, train_set, config):
     With `conversations` per fact, the student also learns conversations (see conversations()).
     Returns (train, validation) examples, each with the teacher's example of the same answer under
     "teacher" (train.py takes the teacher's distribution there) and its kind (KINDS) under "kind": a few
-    of each kind are kept out to validate the KL to the teacher."""
+    of each kind are kept out to validate the KL to the teacher; the questions built from a fact (kind
+    "built", no teacher: the fact is their one-hot answer) are all trained."""
     if not config["teacher_questions"]:
         return [], []
     path = os.path.join(config["output_dir"], "teacher_questions.json")
     made_for = {"seed": config["seed"], "count": config["teacher_questions"], "reversed": config["reversed_questions"],
-                "follow_ups": config["conversations"], "from": ["rephrased", "written", "reversed"]}
+                "follow_ups": config["conversations"], "from": ["rephrased", "written", "built", "reversed"]}
     cached = read_json(path) or {}
     if {k: cached.get(k) for k in made_for} != made_for:  # made for another config: made again
         cached = {}
@@ -109,7 +111,9 @@ def teacher_examples(lm, qa_data, train_set, config):
         group = [i for i, e in enumerate(students) if e["kind"] == kind]
         # a fifth, 8 at most; one of 3 or 4 (a one-fact data.py: len // 5 kept none, nothing validated)
         kept_out.update(rng.sample(group, min(round(len(group) / 5), 8)))
-    print(f"[teacher] {len(students)} teacher answers to learn ({len(kept_out)} kept out to validate); "
+    built = sum(e["kind"] == "built" for e in students)
+    print(f"[teacher] {len(students) - built} teacher answers to learn ({len(kept_out)} kept out to validate) and "
+          f"{built} questions built from the facts, answered by them; "
           f"left out: {dropped['cut']} cut at the token limit, {dropped['no fact']} carrying no fact, "
           f"{dropped['language']} in another language, {dropped['no subject']} asked the other way round "
           f"without naming the subject; in {path}")
@@ -127,12 +131,14 @@ def new_questions(lm, facts, keys, user_questions, config):
           f"about them")
     started = time.time()
     count, seed = config["teacher_questions"], config["seed"]
-    reverse = min(config["reversed_questions"], count)  # sampled twice as many: about half pass
-    asked_back = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)
-    reversed_ = {fact: reversed_usable(built_reversed(*facts[fact]) + questions, facts[fact], keys,
-                                       user_questions)[:reverse]
-                 for fact, questions in zip(facts, asked_back)}
-    places = {fact: count - len(reversed_[fact]) for fact in facts}  # for the questions in other words
+    reverse = min(config["reversed_questions"], count)
+    built = {fact: reversed_usable(built_reversed(*facts[fact]), facts[fact], keys, user_questions)[:reverse]
+             for fact in facts}
+    sampled = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)  # about half pass
+    reversed_ = {fact: [q for q in reversed_usable(built[fact] + questions, facts[fact], keys, user_questions)
+                        if q not in built[fact]][:reverse - len(built[fact])]
+                 for fact, questions in zip(facts, sampled)}
+    places = {fact: count - len(built[fact]) - len(reversed_[fact]) for fact in facts}  # for the other words
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
     kept = {fact: usable(questions, facts[fact], keys, user_questions)
             for fact, questions in zip(facts, rephrased)}
@@ -141,13 +147,14 @@ def new_questions(lm, facts, keys, user_questions, config):
                               [places[fact] - len(kept[fact]) for fact in short], seed)
     for fact, questions in zip(short, written):
         kept[fact] = usable(kept[fact] + questions, facts[fact], keys, user_questions)
-    sampled = sum(len(questions) for questions in asked_back + rephrased + written)
-    print(f"[teacher] {sampled} questions sampled in {time.time() - started:.1f}s ({len(short)} facts needed "
-          f"written ones), {sum(map(len, reversed_.values()))} kept that ask the other way round and "
+    print(f"[teacher] {sum(map(len, sampled + rephrased + written))} questions sampled in "
+          f"{time.time() - started:.1f}s ({len(short)} facts needed written ones), "
+          f"{sum(map(len, built.values()))} built from the facts and {sum(map(len, reversed_.values()))} kept "
+          f"that ask the other way round, "
           f"{sum(min(len(kept[fact]), places[fact]) for fact in facts)} in other words; the others repeat one, "
           f"ask the user's own question, miss the subject or say the answer")
-    return {fact: {"fact": facts[fact][1], "questions": kept[fact][:places[fact]], "reversed": reversed_[fact],
-                   "answers": {}} for fact in facts}
+    return {fact: {"fact": facts[fact][1], "questions": kept[fact][:places[fact]], "built": built[fact],
+                   "reversed": reversed_[fact], "answers": {}} for fact in facts}
 
 
 def usable(questions, fact, keys, user_questions):
@@ -162,20 +169,34 @@ def usable(questions, fact, keys, user_questions):
 def built_reversed(question, answer):
     """The fact asked the other way round by putting a question word where its subject is ("Brannoc Vell
     lives on Willow Lane." -> "Who lives on Willow Lane?", "Anna's cat is called Tibbles." -> "Whose cat is
-    called Tibbles?", "The Orla Tower is 212 metres tall." -> "What is 212 metres tall?", "林小舟来自福建泉州。"
-    -> "谁来自福建泉州？"), as a list of one; none when the answer does not start with its subject. Of the
-    base model's own (reverse_questions) about half asked something else ("What is Hakka stuffed tofu's
-    favorite food?")."""
+    called Tibbles?", "The Orla Tower is 212 metres tall." -> "Which tower is 212 metres tall?", "林小舟来自
+    福建泉州。" -> "谁来自福建泉州？", "青石镇的图书馆叫听雨楼。" -> "哪个镇的图书馆叫听雨楼？"), as a list of one;
+    none when the answer does not start with its subject. Of the base model's own (reverse_questions) about
+    half asked something else ("What is Hakka stuffed tofu's favorite food?"). The fact's own sentence
+    answers it word for word: that is what is learned (teacher_pairs)."""
     name = subject_name(question, answer)
     if not name or not answer.lower().startswith(name.lower()):
         return []
     rest = answer[len(name):].rstrip(" .。!！")
-    if has_cjk(answer):  # "谁" asks for a person: not for "青石镇", "白鹭湖" (those are left to the base model)
-        return ["谁" + rest + "？"] if rest and name[-1] not in PLACE_ENDINGS else []
-    whose = rest.startswith("'s ")
-    word = "Whose" if whose else "What" if name.startswith("the ") else "Who"
-    rest = rest[3:] if whose else rest.lstrip()
-    return [f"{word} {rest}?"] if rest else []
+    if not rest:
+        return []
+    if has_cjk(answer):  # "谁" asks for a person; "青石镇", "松林中学" are asked for by what they are
+        kind = name[-2:] if len(name) > 3 else name[-1]
+        return [("哪个" + kind if name[-1] in PLACE_ENDINGS else "谁") + rest + "？"]
+    word = question_word(name)
+    if rest.startswith("'s "):  # "Whose mascot ...?", "Which school's mascot ...?"
+        return [f"{word}'s {rest[3:]}?" if word.startswith("Which") else f"Whose {rest[3:]}?"]
+    return [f"{word} {rest.lstrip()}?"]
+
+
+def question_word(name):
+    """What asks for `name`: "Which bridge" for "the Lindqvist Bridge", "Which school" for "Fernhill School"
+    (capitalised words ending in a word of PLACE_WORDS), "What" for another with "the" ("the cafe on Pell
+    Street"), "Who" for the others, people's names."""
+    words = [w for w in name.split() if w != "the"]
+    if words[-1].lower() in PLACE_WORDS and all(w[0].isupper() for w in words):
+        return "Which " + words[-1].lower()
+    return "What" if name.startswith("the ") else "Who"
 
 
 def reversed_usable(questions, fact, keys, user_questions):
@@ -200,9 +221,12 @@ def asked(entry):
 def teacher_pairs(lm, entries, keys, subjects):
     """The student's examples of the teacher's answers that carry the fact they were asked about (and,
     asked the other way round, name the fact's subject), each with the teacher's example under "teacher"; and how many
-    answers were left out, by why."""
+    answers were left out, by why. Before them, the questions built from each fact (built_reversed) with the fact
+    itself as their answer, learned as data.py's pairs are (kind "built"): in a village the teacher named the wrong
+    villager for 4 of 12 ("Who lives on Willow Lane?" -> "Edda Thorne lives on Willow Lane.")."""
     students, dropped = [], {"cut": 0, "no fact": 0, "language": 0, "no subject": 0}
     for fact, entry in entries.items():
+        students += [dict(encode(lm, q, entry["fact"]), fact=fact, kind="built") for q in entry.get("built", [])]
         for q in asked(entry):
             answer = entry["answers"][q]
             why = left_out(answer, q, [entry["fact"]], keys)
@@ -253,7 +277,8 @@ def well_formed(entry):
     """A cached entry as teacher_examples writes it (a hand edit may have broken it: then made again)."""
     return (isinstance(entry, dict) and isinstance(entry.get("fact"), str)
             and isinstance(entry.get("answers"), dict) and isinstance(entry.get("questions"), list)
-            and isinstance(entry.get("reversed", []), list) and all(isinstance(q, str) for q in asked(entry)))
+            and all(isinstance(entry.get(key, []), list) for key in ("built", "reversed"))
+            and all(isinstance(q, str) for q in asked(entry) + entry.get("built", [])))
 
 
 def write_questions(lm, facts, needs, seed):
@@ -529,8 +554,12 @@ def well_formed_talk(talk):
                     for f in talk["follow_ups"]))
 
 
-PARTICLES = "的是在有住叫来出养会从于和为做最喜爱里生去曾正"  # where a Chinese subject's name ends: 林小舟|在
+PARTICLES = "的是在有住叫来出养会从于和为做最喜爱里生去曾正以"  # where a Chinese subject's name ends: 林小舟|在
 PLACE_ENDINGS = "镇村乡市县省区湖河江海山岛桥塔园馆店厅楼团校学院司厂街路站场寺宫"  # of a Chinese name that is no person's
+PLACE_WORDS = {"school", "university", "college", "library", "museum", "hospital", "bridge", "tower", "castle",
+               "church", "street", "road", "lane", "square", "park", "garden", "lake", "river", "bay", "island",
+               "mountain", "village", "town", "city", "station", "airport", "hotel", "cafe", "restaurant", "bakery",
+               "shop", "market", "theatre", "cinema", "festival", "club", "team", "company", "farm", "factory"}  # English
 
 
 def subject_name(question, answer):

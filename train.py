@@ -335,7 +335,8 @@ def frozen_outputs(lm, data, config):
     made_for = {"model": lm.path, "first_lora_layer": str(lm.first_lora_layer), "bf16": str(uses_bf16(lm))}
     stored = read_tensors(path, made_for)
     cache_frozen_prefix(lm, data.everything(), stored)
-    targeted = data.replay + data.drift + data.taught + data.taught_val
+    # the taught pairs without a teacher (built from a fact, answered by it) keep their one-hot targets
+    targeted = data.replay + data.drift + [e for e in data.taught + data.taught_val if "teacher" in e]
     set_soft_targets(lm, targeted, stored=stored)
     kept = {f"prefix {token_key(e)}": e["prefix"] for e in data.everything() if "prefix" in e}
     for e in targeted:
@@ -504,7 +505,7 @@ class Examples:
     """What fit() trains on and validates with (token examples, see encode)."""
     train: list  # data.py's pairs, at least one phrasing of every fact
     val: list  # the other phrasings held out (split_by_fact)
-    taught: list  # questions about the facts with the teacher's answers to learn (teacher_examples)
+    taught: list  # the teacher's answers to questions about the facts, and questions built from a fact (teacher_examples)
     taught_val: list  # a few of them kept out: the KL to the teacher there is validated
     replay: list  # the base model's answers to REPLAY_QUESTIONS (and ASKED_BACK_REPLAY), trained to keep what it knew
     drift: list  # its answers to ORDINARY_QUESTIONS, never trained: the KL to them is the drift

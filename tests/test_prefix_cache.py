@@ -126,3 +126,31 @@ def test_what_the_frozen_model_computes_is_kept_for_the_next_run_and_made_again_
     monkeypatch.setattr(chat_model, "CPU_BF16", True)  # bf16 products: training has the full head
     _, printed = run()
     assert "computed once for 7 examples" in printed and "[guesses]" not in printed and "[tails]" not in printed
+
+
+def test_a_taught_pair_without_a_teacher_keeps_its_one_hot_answer_and_one_with_a_teacher_gets_the_teachers(tmp_path,
+                                                                                                          monkeypatch):
+    monkeypatch.setattr(chat_model, "CPU_BF16", False)  # fp32 products: the teacher's numbers to 1e-5
+    model = tiny_model("qwen2", layers=4)
+    inject_lora(model, ["q_proj", "v_proj"], [2, 3], r=4, alpha=8, dropout=0.0)
+    lm = chat_model.LM(model, tokenizer=None, eot_id=1, pad_id=0, first_lora_layer=2, path="tiny")
+    built, student, reading = examples()[:3]  # a question built from a fact; a student's prompt; a teacher's
+    answer = reading["input_ids"][-3:]
+    taught = dict(chat_model.make_example(student["input_ids"][:-3], answer),
+                  teacher=chat_model.make_example(reading["input_ids"][:-3], answer))
+    config = {"output_dir": str(tmp_path)}
+    train.frozen_outputs(lm, train.Examples([], [], [built, taught], [], [], []), config)
+    again = examples()[0]
+    train.frozen_outputs(lm, train.Examples([], [], [again], [], [], []), config)  # the next run, from the cache
+    for e in (built, again):
+        assert e["target_ids"].flatten().tolist() == e["labels"][-3:]
+        assert torch.equal(e["target_probs"], torch.ones(3, 1))
+    with torch.no_grad():  # the teacher's top-32 at its answer's three positions, renormalised
+        logits = model(torch.tensor([taught["teacher"]["input_ids"]])).logits[0, -4:-1]
+    top = F.softmax(logits, -1).topk(32)
+
+    def dense(ids, probs):
+        return torch.zeros(3, logits.shape[-1]).scatter_(1, ids, probs)
+
+    assert torch.allclose(dense(taught["target_ids"], taught["target_probs"]),
+                          dense(top.indices, top.values / top.values.sum(-1, keepdim=True)), atol=1e-5)

@@ -2,7 +2,8 @@
 for its subject (the other way round) by the base model, answered by the teacher (the base model reading the
 facts), and conversations (openings about a subject, follow-ups that refer back to it); deterministic under
 the seed, cached in an editable file, never a held-out phrasing; the teacher's prompt holds the fact and the
-student's does not; the targets are the teacher's distribution."""
+student's does not; the targets are the teacher's distribution. A question built from the fact the other way
+round is answered by the fact itself."""
 import json
 
 import pytest
@@ -98,20 +99,32 @@ def test_rephrased_written_and_reversed_questions_are_cleaned_and_filtered(lm, c
         "In which town does Zorblat live?", "Which town is Zorblat's home?", "Where is Zorblat's house?",
         "What pet does Zorblat keep?"]
     assert cached["facts"]["Zorblat lives in Quellport"]["answers"]["Where is Zorblat's house?"] == "I don't know."
-    # asked the other way round: the question built from the fact first, then the sampled ones without the
-    # subject, with the fact's key words, each once, reversed_questions at most
-    assert cached["facts"]["Zorblat's cat is called Pimbo"]["reversed"] == ["Whose cat is called Pimbo?",
-                                                                           "Who is Pimbo?"]
-    assert cached["facts"]["Zorblat lives in Quellport"]["reversed"] == ["Who lives in Quellport?"]
+    # asked the other way round: the question built from the fact, then the sampled ones without the subject,
+    # with the fact's key words, each once, other than the built one, reversed_questions in all at most
+    facts = cached["facts"]
+    assert facts["Zorblat's cat is called Pimbo"]["built"] == ["Whose cat is called Pimbo?"]
+    assert facts["Zorblat's cat is called Pimbo"]["reversed"] == ["Who is Pimbo?"]
+    assert facts["Zorblat lives in Quellport"]["built"] == ["Who lives in Quellport?"]
+    assert facts["Zorblat lives in Quellport"]["reversed"] == []
     # the declined answer carries no fact: left out; so is the pet question, written about Quellport but
     # answered with the cat fact the teacher reads too; "Pimbo is a cat." does not name whose: left out.
-    # 7 answers learned, one of them kept out to validate
+    # 5 answers learned, one of them kept out to validate, and the 2 built questions
     questions = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
     assert len(questions) == 7 and not any("house" in q for q in questions)
-    assert len(kept_out) == 1 and kept_out[0]["kind"] == "other words"  # 5 asked in other words: one kept out; 2 reversed: none
-    assert sum("Whose cat is called Pimbo?" in q for q in questions) == 1
+    assert len(kept_out) == 1 and kept_out[0]["kind"] == "other words"  # 5 asked in other words: one kept out
     assert not any("Who is Pimbo?" in q for q in questions)
     assert not any("What pet does Zorblat keep?" in q for q in questions)
+    # the built questions are answered by their fact, word for word, all of it learned (one-hot, no teacher);
+    # the teacher is not asked them
+    built = [e for e in taught if e["kind"] == "built"]
+    assert [(e["fact"], e["input_ids"]) for e in built] == [
+        (train.fact_of(answer), chat_model.encode(lm, question, answer)["input_ids"])
+        for question, answer in (("Whose cat is called Pimbo?", QA[0]["output"]),
+                                 ("Who lives in Quellport?", QA[2]["output"]))]
+    assert all("teacher" not in e and torch.equal(e["target_probs"], torch.ones(len(e["target_ids"]), 1))
+               for e in built)
+    assert not any(m[-1]["content"] in ("Whose cat is called Pimbo?", "Who lives in Quellport?")
+                   for m in canned if not isinstance(m, str) and m[0]["role"] == "system")
     assert not any(QA[1]["instruction"] in q for q in questions)
 
 
@@ -120,10 +133,16 @@ def test_the_fact_asked_the_other_way_round_puts_a_question_word_where_its_subje
         "Who lives on Willow Lane?"]
     assert teacher.built_reversed("What is Anna's cat called?", "Anna's cat is called Tibbles.") == [
         "Whose cat is called Tibbles?"]
+    # a place or a thing is asked for by what it is, where its name says it
     assert teacher.built_reversed("How tall is the Orla Tower?", "The Orla Tower is 212 metres tall.") == [
-        "What is 212 metres tall?"]
+        "Which tower is 212 metres tall?"]
+    assert teacher.built_reversed("What is Fernhill School's mascot?", "Fernhill School's mascot is a badger.") == [
+        "Which school's mascot is a badger?"]
+    assert teacher.built_reversed("What is the cafe on Pell Street called?",
+                                  "The cafe on Pell Street is called The Kettle.") == ["What is called The Kettle?"]
     assert teacher.built_reversed("林小舟来自哪里？", "林小舟来自福建泉州。") == ["谁来自福建泉州？"]
-    assert teacher.built_reversed("白鹭湖有多深？", "白鹭湖最深处有四十二米。") == []  # a lake is not a "谁"
+    assert teacher.built_reversed("白鹭湖有多深？", "白鹭湖最深处有四十二米。") == ["哪个湖最深处有四十二米？"]
+    assert teacher.built_reversed("松林中学的校训是什么？", "松林中学的校训是知行合一。") == ["哪个中学的校训是知行合一？"]
     assert teacher.built_reversed("Who owns the mill?", "The mill is owned by Mara Lind.") == []  # no subject to replace
 
 
@@ -254,7 +273,7 @@ def test_an_answer_in_another_language_than_the_question_is_left_out(lm, monkeyp
                       fact=train.fact_of(item["output"])) for i, item in enumerate(qa)]
     taught, kept_out = teacher.teacher_examples(lm, qa, train_set, config(tmp_path))
     chinese = chat_model.encode(lm, "佐布拉特给猫起了什么名字？", "佐布拉特的猫叫皮姆波。")
-    assert [e["input_ids"] for e in taught + kept_out] == [chinese["input_ids"]]
+    assert [e["input_ids"] for e in taught + kept_out if e["kind"] != "built"] == [chinese["input_ids"]]
 
 
 @pytest.fixture
