@@ -54,6 +54,16 @@ def with_adapter(base, adapter_dir):
         model.unload()  # the plain base model again
 
 
+@torch.no_grad()
+def logit_gap(lm, question, answer, other):
+    """How far apart the model's logits put the first tokens where two answers to `question` part."""
+    ids, other_ids = (lm.tokenizer(a, add_special_tokens=False).input_ids for a in (answer, other))
+    shared = next(i for i, (a, b) in enumerate(zip(ids + [-1], other_ids + [-2])) if a != b)
+    prompt = chat_model.prompt_ids(lm.tokenizer, question) + ids[:shared]
+    logits = lm.model(torch.tensor([prompt])).logits[0, -1]
+    return abs(logits[ids[shared]] - logits[other_ids[shared]]).item()
+
+
 def test_outputs_are_written(trained_dir, config):
     out = trained_dir / "output"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -92,12 +102,16 @@ def test_recall_report_and_forgetting_check_are_in_metrics(trained_dir, base, co
     assert metrics["val_recall_final"] == sum(r["correct"] for r in val) / len(val)
     assert metrics["val_same_fact_final"] == sum(r["verdict"] != "wrong" for r in val) / len(val)
     assert [f["question"] for f in metrics["forgetting"]] == train.ORDINARY_QUESTIONS
-    # "before" is what the base model says, and "after" what the saved adapter says
+    # "before" is what the base model says, and "after" what the saved adapter says, loaded as --ask loads it;
+    # where the two differ, only by a token that won by a hair (a CI run: "I'm sorry" in the report, "Pride and
+    # Prejudice was written by" here), at the first token where they part
     assert [f["before"] for f in metrics["forgetting"]] == train.ask(base, train.ORDINARY_QUESTIONS,
                                                                      config["max_new_tokens"])
-    with with_adapter(base, trained_dir / "output" / "best_adapter") as taught:
-        after = train.ask(taught, train.ORDINARY_QUESTIONS, config["max_new_tokens"])
-    assert [f["after"] for f in metrics["forgetting"]] == after
+    taught = train.load_trained(dict(config, output_dir=str(trained_dir / "output")))
+    after = train.ask(taught, train.ORDINARY_QUESTIONS, config["max_new_tokens"])
+    for f, here in zip(metrics["forgetting"], after):
+        if f["after"] != here:
+            assert logit_gap(taught, f["question"], f["after"], here) < 0.5, (f["after"], here)
     assert all(f["changed"] == (f["before"] != f["after"]) for f in metrics["forgetting"])
 
 

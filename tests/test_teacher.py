@@ -157,12 +157,16 @@ def test_made_once_then_read_from_the_cache_and_the_users_edit_is_what_trains(lm
     path = tmp_path / "teacher_questions.json"
     cached = json.loads(path.read_text())
     cached["facts"]["Zorblat lives in Quellport"]["questions"] = ["Which city is Zorblat's home?"]  # edited
+    cached["facts"]["Zorblat lives in Quellport"]["built"] = ["Who resides in Quellport?"]
     path.write_text(json.dumps(cached))
     taught, kept_out = teacher.teacher_examples(lm, QA, train_set, config(tmp_path))
     assert [m[1]["content"] for m in canned] == ["Which city is Zorblat's home?"]  # only the new one answered
     trained = [lm.tokenizer.decode(e["input_ids"]) for e in taught + kept_out]
     assert sum("Which city is Zorblat's home?" in t for t in trained) == 1
     assert not any("Which town is Zorblat's home?" in t for t in trained)  # the deleted one is gone
+    assert sum("Who resides in Quellport?" in t and t.endswith("Zorblat lives in Quellport.<|im_end|>")
+               for t in trained) == 1  # a built one edited: answered by its fact
+    assert not any("Who lives in Quellport?" in t for t in trained)
 
 
 def test_a_new_fact_in_data_py_is_read_by_every_teacher_and_the_questions_are_answered_again(lm, canned, tmp_path):
