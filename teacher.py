@@ -135,8 +135,9 @@ def new_questions(lm, facts, keys, user_questions, config):
     built = {fact: reversed_usable(built_reversed(*facts[fact]), facts[fact], keys, user_questions)[:reverse]
              for fact in facts}
     sampled = reverse_questions(lm, [answer for _, answer in facts.values()], 2 * reverse, seed)  # about half pass
-    reversed_ = {fact: [q for q in reversed_usable(built[fact] + questions, facts[fact], keys, user_questions)
-                        if q not in built[fact]][:reverse - len(built[fact])]
+    # after the built one (each_once drops its repeats), which passed these filters and so stays first
+    reversed_ = {fact: reversed_usable(built[fact] + questions, facts[fact], keys,
+                                       user_questions)[len(built[fact]):reverse]
                  for fact, questions in zip(facts, sampled)}
     places = {fact: count - len(built[fact]) - len(reversed_[fact]) for fact in facts}  # for the other words
     rephrased = rephrase_questions(lm, [question for question, _ in facts.values()], count, seed)
