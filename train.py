@@ -117,9 +117,10 @@ DEFAULTS = {
     "lora_rank": 8,
     "lora_alpha": 16,
     "lora_dropout": 0.05,
-    "target_modules": ["q_proj", "v_proj"],
+    # every Linear of the layer: on q/v alone a fact was learned in its own words but missed when asked in others
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "target_layers": [20, 21, 22, 23],  # negative indices count from the top: -1 is the last layer
-    "lr": 2e-3,
+    "lr": 1.5e-3,
     "epoch": 8,  # at most; see early_stop
     "batch_size": 4,
     "val_ratio": 0.2,

@@ -81,7 +81,8 @@ def test_outputs_are_written(trained_dir, config):
     assert (out / "loss_curve.png").stat().st_size > 1000
     adapter = out / "best_adapter"
     assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert (adapter / "adapter_model.safetensors").stat().st_size < 1_000_000
+    # 733,184 fp32 numbers (r 8 on 7 Linears of 4 layers) and a header: a small file, not a model
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 3_000_000
     cached = json.loads(next(out.glob("base_answers_*.json")).read_text())  # replay ran, on the base answers
     assert set(cached) == set(train.REPLAY_QUESTIONS + train.ASKED_BACK_REPLAY + train.ORDINARY_QUESTIONS)
 
@@ -187,7 +188,7 @@ def test_the_gguf_export_answers_in_llama_cpp_as_trained(trained_dir, base, merg
 
 def test_the_adapter_on_the_offline_gguf_answers_in_llama_cpp_as_the_merged_export(trained_dir, merged_gguf,
                                                                                      base, tmp_path):
-    """--export-adapter: a file of a few hundred KB, written in seconds, that llama.cpp puts on the offline
+    """--export-adapter: a file of about 3 MB, written in seconds, that llama.cpp puts on the offline
     Q4_K_M GGUF as shipped: the trained answer, Paris, the merged F16 export's next-token distribution
     within the rounding of the base's 4-bit weights; the same base without it does not know the fact."""
     started = time.time()
@@ -195,7 +196,7 @@ def test_the_adapter_on_the_offline_gguf_answers_in_llama_cpp_as_the_merged_expo
     seconds = time.time() - started
     assert result.returncode == 0, result.stderr[-2000:]
     offline = os.path.join(ROOT, model_files.OFFLINE_GGUF)
-    assert (tmp_path / "adapter.gguf").stat().st_size < 1_000_000 and seconds < 15  # ~6 s here, 2.5 s of it starting Python and torch
+    assert (tmp_path / "adapter.gguf").stat().st_size < 3_000_000 and seconds < 15  # ~6 s here, 2.5 s of it starting Python and torch
     assert (tmp_path / "Modelfile").read_text().startswith(f"FROM {offline}\nADAPTER ./adapter.gguf\n")
     assert f"--lora {tmp_path / 'adapter.gguf'}" in result.stdout
     with llama_cpp(offline, adapter=tmp_path / "adapter.gguf") as server:
